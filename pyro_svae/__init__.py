@@ -1,0 +1,27 @@
+"""pyro_svae: spatial-VAE as a Pyro program.
+
+Images are functions of their pixel coordinates; pose (rotation ``theta``, translation ``dx``) is a
+transform of the coordinate grid, inferred by an amortized guide alongside the content ``z``.
+"""
+
+from . import coords, data, likelihoods, metrics, priors
+from .guides import AmortizedGuide
+from .infer import History, evaluate, fit, posterior_means, recovery_metrics
+from .model import SpatialVAE
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmortizedGuide",
+    "History",
+    "SpatialVAE",
+    "coords",
+    "data",
+    "evaluate",
+    "fit",
+    "likelihoods",
+    "metrics",
+    "posterior_means",
+    "priors",
+    "recovery_metrics",
+]

@@ -1,0 +1,133 @@
+"""Atomic checkpoints of model, guide, optimizer and RNG state, loaded with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "save_checkpoint",
+    "load_checkpoint",
+    "get_rng_state",
+    "set_rng_state",
+    "optimizer_state",
+    "set_optimizer_state",
+]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model it is loaded into."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    A reader never sees a half-written file, and a crash leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The torch, CUDA, Python and numpy RNG states as a ``weights_only``-loadable dict."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+def optimizer_state(optim: pyro.optim.PyroOptim, prefixes: dict[str, str]) -> dict[str, dict]:
+    """Pyro optimizer state keyed by ``role`` then parameter name relative to that role's root module.
+
+    ``prefixes`` maps roles (``"model"``, ``"guide"``) to the root names of their ``PyroModule``s, so the
+    state reloads into modules whose root names differ (a second model in the same session).
+    """
+    grouped: dict[str, dict] = {role: {} for role in prefixes}
+    for name, state in optim.get_state().items():
+        for role, prefix in prefixes.items():
+            if name.startswith(prefix + "."):
+                grouped[role][name[len(prefix) + 1 :]] = state
+                break
+        else:
+            grouped.setdefault("other", {})[name] = state
+    return grouped
+
+
+def set_optimizer_state(
+    optim: pyro.optim.PyroOptim, grouped: dict[str, dict], prefixes: dict[str, str]
+) -> None:
+    state = dict(grouped.get("other", {}))
+    for role, prefix in prefixes.items():
+        for name, value in grouped.get(role, {}).items():
+            state[f"{prefix}.{name}"] = value
+    optim.set_state(state)
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (tensors, numbers, strings, lists, dicts) atomically with ``torch.save``."""
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)``: no pickled code is ever executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # corrupt or foreign file: torch raises many kinds
+        raise CheckpointError(f"{path}: not a readable pyro_svae checkpoint ({error})") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a pyro_svae checkpoint (format version mismatch)")
+    return payload
+
+
+def load_module_state(module: torch.nn.Module, state: dict, what: str) -> None:
+    """``module.load_state_dict(state)`` with a :class:`CheckpointError` that says what differs."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[:3])
+        raise CheckpointError(f"checkpoint does not match the {what}: {detail}") from None

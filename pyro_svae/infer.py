@@ -1,0 +1,362 @@
+"""Training with Pyro SVI (:func:`fit`) and evaluation of ELBO and importance-weighted bounds."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.elbo import ELBO
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .checkpoint import (
+    get_rng_state,
+    load_checkpoint,
+    load_module_state,
+    optimizer_state,
+    save_checkpoint,
+    set_optimizer_state,
+    set_rng_state,
+)
+from .data.datasets import DataError, ImageDataset
+
+__all__ = [
+    "History",
+    "resolve_device",
+    "as_dataset",
+    "fit",
+    "evaluate",
+    "posterior_means",
+    "recovery_metrics",
+]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else the CPU; anything else as ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return device
+
+
+def as_dataset(data, image_shape: Sequence[int] | None = None, *, name: str = "data") -> ImageDataset:
+    """Wrap arrays/tensors as an :class:`ImageDataset` and check they fit a model's ``(C, H, W)``."""
+    dataset = data if isinstance(data, ImageDataset) else ImageDataset(data, name=name)
+    if image_shape is not None and tuple(dataset.image_shape) != tuple(image_shape):
+        raise DataError(
+            f"{dataset.name}: the model expects images of shape {tuple(image_shape)} (C, H, W), "
+            f"found {tuple(dataset.image_shape)}"
+        )
+    return dataset
+
+
+@dataclass
+class History:
+    """Per-epoch records: dicts with ``epoch``, ``split`` (``train``/``test``), ``elbo``,
+    ``reconstruction`` and ``kl`` (nats per image), ``seconds`` and pose metrics when known."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def split(self, split: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["split"] == split]
+
+    def values(self, key: str, split: str = "test") -> list[float]:
+        """One value per epoch, e.g. ``history.values("elbo", "train")``."""
+        return [r[key] for r in self.split(split) if key in r]
+
+    def last(self, split: str = "test") -> dict[str, Any]:
+        rows = self.split(split)
+        return rows[-1] if rows else {}
+
+    def __len__(self) -> int:
+        return len({r["epoch"] for r in self.records})
+
+
+class _ObsLogProb(Messenger):
+    """Adds up the (plate-scaled) log-density of the ``obs`` site of each model run, detached.
+
+    SVI only returns the loss; this yields the reconstruction term of the same sample for free
+    (``KL = reconstruction - ELBO``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0.0
+        self.runs = 0
+
+    def _pyro_post_sample(self, msg) -> None:
+        if msg["name"] == "obs" and msg["is_observed"]:
+            with torch.no_grad():
+                log_prob = msg["fn"].log_prob(msg["value"]).sum()
+            self.total += float(log_prob) * float(msg["scale"])
+            self.runs += 1
+
+    def pop(self) -> float:
+        mean = self.total / max(self.runs, 1)
+        self.total, self.runs = 0.0, 0
+        return mean
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterable[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return order.split(batch_size)
+
+
+def _prefixes(model, guide) -> dict[str, str]:
+    return {
+        "model": getattr(model, "_pyro_name", "model"),
+        "guide": getattr(guide, "_pyro_name", "guide"),
+    }
+
+
+@torch.no_grad()
+def posterior_means(guide, data: ImageDataset, *, batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """Posterior point estimates per site for every image, on the CPU: ``z`` ``(N, z_dim)``…"""
+    device = next(guide.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {}
+    for index in torch.arange(len(data)).split(batch_size):
+        means = guide.posterior_means(data.images[index].to(device))
+        for site, value in means.items():
+            out.setdefault(site, []).append(value.float().cpu())
+    return {site: torch.cat(values) for site, values in out.items()}
+
+
+def recovery_metrics(
+    means: dict[str, torch.Tensor],
+    data: ImageDataset,
+    *,
+    train_means: dict[str, torch.Tensor] | None = None,
+    train: ImageDataset | None = None,
+) -> dict[str, float]:
+    """Pose recovery (θ circular correlation and median error in degrees after the best global offset,
+    Δx Pearson r) and content quality (k-NN accuracy of labels from ``z``) where the truth is known."""
+    result: dict[str, float] = {}
+    if "theta" in means and data.theta is not None:
+        result["theta_circ_corr"] = M.circular_correlation(means["theta"], data.theta)
+        result["theta_median_error_deg"] = math.degrees(M.median_angular_error(means["theta"], data.theta))
+    if "dx" in means and data.dx is not None and float(data.dx.std()) > 0:
+        rx, ry = M.translation_correlation(means["dx"], data.dx)
+        result["dx_corr_x"], result["dx_corr_y"] = rx, ry
+    if train_means is not None and train is not None and train.labels is not None and data.labels is not None:
+        result["knn_accuracy"] = M.knn_accuracy(train_means["z"], train.labels, means["z"], data.labels)
+    return result
+
+
+def fit(
+    model,
+    guide,
+    train,
+    *,
+    test=None,
+    epochs: int = 10,
+    batch_size: int = 100,
+    learning_rate: float = 1e-4,
+    optimizer: pyro.optim.PyroOptim | None = None,
+    loss: ELBO | None = None,
+    device: str | torch.device = "auto",
+    seed: int | None = 0,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[int, dict[str, dict[str, Any]]], None]] = (),
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    extra_state: dict[str, Any] | None = None,
+) -> History:
+    """Train ``model`` and ``guide`` with Pyro SVI on mini-batches; returns the :class:`History`.
+
+    ``train``/``test``: :class:`ImageDataset` or arrays ``(N, H, W)`` / ``(N, C, H, W)``. Each epoch
+    records the per-image train ELBO (averaged over the epoch's steps), reconstruction term and KL, and
+    the test ELBO (one posterior sample per image, weights fixed) with pose metrics when the test data
+    carry ground truth. ``loss`` is any Pyro ELBO (default ``Trace_ELBO()``), ``optimizer`` any
+    ``pyro.optim`` optimizer (default ``Adam(lr=learning_rate)``). ``seed`` seeds Pyro once at the start
+    and fixes the shuffling of every epoch. With ``checkpoint`` a checkpoint is written atomically after
+    every epoch; ``resume=True`` continues from it (reproducing an uninterrupted run on the CPU).
+    ``callbacks`` are called as ``callback(epoch, {"train": record, "test": record})``.
+    """
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+    train = as_dataset(train, model.image_shape, name="train")
+    test = None if test is None else as_dataset(test, model.image_shape, name="test")
+    device = resolve_device(device)
+    model.to(device)
+    guide.to(device)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    optim = optimizer or pyro.optim.Adam({"lr": learning_rate})
+    elbo = loss or Trace_ELBO()
+    recorder = _ObsLogProb()
+    svi = SVI(recorder(model), guide, optim, elbo)
+
+    history = History()
+    start_epoch = 1
+    if resume:
+        if checkpoint is None or not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint}")
+        state = load_checkpoint(checkpoint, map_location=device)
+        load_module_state(model, state["model"], "model")
+        load_module_state(guide, state["guide"], "guide")
+        set_optimizer_state(optim, state["optimizer"], _prefixes(model, guide))
+        history = History(list(state["history"]))
+        start_epoch = int(state["epoch"]) + 1
+        set_rng_state(state["rng"])
+
+    n = len(train)
+    for epoch in range(start_epoch, epochs + 1):
+        generator = None
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        else:
+            generator = torch.Generator().manual_seed(int(torch.randint(2**31, ()).item()))
+        started = time.perf_counter()
+        elbo_sum = recon_sum = 0.0
+        model.train()
+        guide.train()
+        batches = list(_batches(n, batch_size, generator))
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress)
+        for index in bar:
+            images = train.images[index].to(device, non_blocking=True)
+            step_loss = svi.step(images, data_size=n)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(
+                    f"the loss became {step_loss} in epoch {epoch}; lower the learning rate"
+                )
+            weight = index.numel() / n
+            elbo_sum -= step_loss * weight
+            recon_sum += recorder.pop() * weight
+            bar.set_postfix(elbo=f"{-step_loss / n:.1f}")
+        seconds = time.perf_counter() - started
+        records = {
+            "train": {
+                "epoch": epoch,
+                "split": "train",
+                "elbo": elbo_sum / n,
+                "reconstruction": recon_sum / n,
+                "kl": (recon_sum - elbo_sum) / n,
+                "seconds": seconds,
+            }
+        }
+        if test is not None:
+            report = evaluate(model, guide, test, num_particles=1, batch_size=max(batch_size, 100))
+            record = {"epoch": epoch, "split": "test", **report.pop("per_image_summary")}
+            record.update(recovery_metrics(posterior_means(guide, test), test))
+            records["test"] = record
+        history.records.extend(records.values())
+        if checkpoint is not None:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "guide": guide.state_dict(),
+                    "optimizer": optimizer_state(optim, _prefixes(model, guide)),
+                    "history": history.records,
+                    "rng": get_rng_state(),
+                    **(extra_state or {}),
+                },
+            )
+        for callback in callbacks:
+            callback(epoch, records)
+    return history
+
+
+@torch.no_grad()
+def _log_weights(model, guide, images: torch.Tensor, particles: int) -> dict[str, torch.Tensor]:
+    """Per-particle, per-image terms ``(particles, B)``: log p(x, latents) - log q(latents | x), and the
+    reconstruction term log p(x | latents)."""
+    with pyro.plate("particles", particles, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(images)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(images)
+    shape = (particles, images.shape[0])
+    log_w = torch.zeros(shape, device=images.device)
+    recon = torch.zeros(shape, device=images.device)
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        trace.compute_log_prob()
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            log_prob = site["log_prob"].float().expand(shape)
+            log_w = log_w + sign * log_prob
+            if name == "obs" and sign > 0:
+                recon = recon + log_prob
+    return {"log_w": log_w, "recon": recon}
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    guide,
+    data,
+    *,
+    num_particles: int = 64,
+    batch_size: int = 100,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    max_elements: int = 2**26,
+) -> dict[str, Any]:
+    """Per-image ELBO and importance-weighted bound on ``data`` with ``num_particles`` samples each.
+
+    Returns ``{"elbo", "iw_elbo", "reconstruction", "kl", "num_particles", "num_images",
+    "per_image_elbo" (N,), "per_image_iw_elbo" (N,), "per_image_summary"}``, in nats per image. The ELBO
+    is the mean over particles of ``log p(x, latents) - log q(latents | x)``; the bound is
+    ``log mean exp`` of the same weights (the IWAE bound with K = ``num_particles``). Weights are not
+    changed. ``max_elements`` caps ``particles x batch x pixels x hidden`` activations held at once.
+    """
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+    data = as_dataset(data, model.image_shape, name="evaluation data")
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    guide.to(device)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    was_training = model.training, guide.training
+    model.eval()
+    guide.eval()
+    hidden = max((p.shape[0] for p in model.parameters() if p.dim() == 2), default=1)
+    pixels = data.image_shape[1] * data.image_shape[2]
+    elbos, bounds, recons = [], [], []
+    try:
+        for index in torch.arange(len(data)).split(batch_size):
+            images = data.images[index].to(device)
+            chunk = max(1, min(num_particles, max_elements // (index.numel() * pixels * hidden)))
+            terms: dict[str, list[torch.Tensor]] = {"log_w": [], "recon": []}
+            for start in range(0, num_particles, chunk):
+                part = _log_weights(model, guide, images, min(chunk, num_particles - start))
+                for key, value in part.items():
+                    terms[key].append(value)
+            log_w = torch.cat(terms["log_w"])
+            elbos.append(log_w.mean(0))
+            bounds.append(torch.logsumexp(log_w, 0) - math.log(num_particles))
+            recons.append(torch.cat(terms["recon"]).mean(0))
+    finally:
+        model.train(was_training[0])
+        guide.train(was_training[1])
+    per_image_elbo = torch.cat(elbos).cpu()
+    per_image_bound = torch.cat(bounds).cpu()
+    elbo = float(per_image_elbo.mean())
+    reconstruction = float(torch.cat(recons).mean())
+    summary = {"elbo": elbo, "reconstruction": reconstruction, "kl": reconstruction - elbo}
+    return {
+        **summary,
+        "iw_elbo": float(per_image_bound.mean()),
+        "num_particles": num_particles,
+        "num_images": len(data),
+        "per_image_elbo": per_image_elbo,
+        "per_image_iw_elbo": per_image_bound,
+        "per_image_summary": summary,
+    }

@@ -1,0 +1,216 @@
+"""``SpatialVAE``: the generative program of spatial-VAE (and its vanilla-VAE baseline)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import pyro
+import torch
+from pyro.nn import PyroModule
+from pyro.nn.module import to_pyro_module_
+from torch import nn
+
+from .coords import pixel_grid, pose_coordinates
+from .decoders import SpatialDecoder, VanillaDecoder
+from .likelihoods import make_likelihood
+from .priors import as_prior, normal_dx, normal_theta, standard_normal_z
+
+__all__ = ["SpatialVAE", "unique_name", "images_to_pixels", "pixels_to_images"]
+
+_NAME_COUNTERS: dict[str, itertools.count] = {}
+
+
+def unique_name(base: str) -> str:
+    """``base`` for the first module of a kind, ``base_1``, ``base_2``… after, so that two models in one
+    session never share parameters in Pyro's global param store (same-named roots would)."""
+    index = next(_NAME_COUNTERS.setdefault(base, itertools.count()))
+    return base if index == 0 else f"{base}_{index}"
+
+
+def images_to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """``(..., C, H, W)`` -> ``(..., H * W, C)``, pixels in the order of :func:`pixel_grid`."""
+    return images.flatten(-2).transpose(-1, -2)
+
+
+def pixels_to_images(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(..., H * W, C)`` -> ``(..., C, H, W)``."""
+    return pixels.transpose(-1, -2).unflatten(-1, (height, width))
+
+
+def _image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (H, W) or (C, H, W) of positive sizes, got {image_shape}")
+    return shape
+
+
+class SpatialVAE(PyroModule):
+    """spatial-VAE as a Pyro program.
+
+    For a batch of images ``(B, C, H, W)`` the program samples, inside ``pyro.plate("images", ...)``:
+    ``z`` (event ``(z_dim,)``), ``theta`` (event ``()``, when ``rotate``), ``dx`` (event ``(2,)``, when
+    ``translate``), renders every pixel with the spatial decoder at the posed coordinates and scores the
+    images at ``obs`` (event ``(H * W, C)``). ``vanilla=True`` gives the baseline VAE whose decoder sees
+    ``z`` alone (no pose sites).
+
+    Priors default to the paper's, ``z ~ N(0, I)``, ``theta ~ N(0, theta_prior_std)``,
+    ``dx ~ N(0, dx_prior_std I)``; any distribution (or module returning one) with the site's event shape
+    may be passed instead and moves with the module to its device.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        z_dim: int = 2,
+        *,
+        rotate: bool | None = None,
+        translate: bool | None = None,
+        vanilla: bool = False,
+        z_prior: torch.distributions.Distribution | nn.Module | None = None,
+        theta_prior: torch.distributions.Distribution | nn.Module | None = None,
+        dx_prior: torch.distributions.Distribution | nn.Module | None = None,
+        theta_prior_std: float = math.pi / 4,
+        dx_prior_std: float = 0.1,
+        likelihood: str | nn.Module = "bernoulli",
+        hidden_dim: int = 500,
+        num_layers: int = 2,
+        activation: str = "tanh",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name or unique_name("svae"))
+        if not isinstance(z_dim, int) or z_dim < 1:
+            raise ValueError(f"z_dim must be an integer >= 1, got {z_dim!r}")
+        if vanilla and (rotate or translate or theta_prior is not None or dx_prior is not None):
+            raise ValueError(
+                "vanilla=True has no pose sites: do not combine it with rotate, translate, "
+                "theta_prior or dx_prior"
+            )
+        self.image_shape = _image_shape(image_shape)
+        self.z_dim = z_dim
+        self.vanilla = vanilla
+        self.rotate = (not vanilla) if rotate is None else bool(rotate)
+        self.translate = (not vanilla) if translate is None else bool(translate)
+        self.config = {
+            "image_shape": list(self.image_shape),
+            "z_dim": z_dim,
+            "rotate": self.rotate,
+            "translate": self.translate,
+            "vanilla": vanilla,
+            "theta_prior_std": theta_prior_std,
+            "dx_prior_std": dx_prior_std,
+            "likelihood": likelihood if isinstance(likelihood, str) else type(likelihood).__name__,
+            "hidden_dim": hidden_dim,
+            "num_layers": num_layers,
+            "activation": activation,
+        }
+        channels, height, width = self.image_shape
+
+        self.likelihood = make_likelihood(likelihood)
+        out_dim = channels * self.likelihood.params_per_channel
+        self.z_prior = as_prior(
+            standard_normal_z(z_dim) if z_prior is None else z_prior, site="z", event_shape=(z_dim,)
+        )
+        if self.rotate:
+            self.theta_prior = as_prior(
+                normal_theta(theta_prior_std) if theta_prior is None else theta_prior,
+                site="theta",
+                event_shape=(),
+            )
+        if self.translate:
+            self.dx_prior = as_prior(
+                normal_dx(dx_prior_std) if dx_prior is None else dx_prior,
+                site="dx",
+                event_shape=(2,),
+            )
+        if vanilla:
+            decoder: nn.Module = VanillaDecoder(
+                z_dim,
+                height * width,
+                out_dim,
+                hidden_dim=hidden_dim,
+                num_layers=num_layers,
+                activation=activation,
+            )
+        else:
+            decoder = SpatialDecoder(
+                z_dim, out_dim, hidden_dim=hidden_dim, num_layers=num_layers, activation=activation
+            )
+        self.decoder = decoder
+        self.register_buffer("grid", pixel_grid(height, width), persistent=False)
+        # Plain nn.Modules inside become PyroModules so their parameters live in Pyro's param store.
+        to_pyro_module_(self)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def latent_sites(self) -> dict[str, tuple[int, ...]]:
+        """Latent sample sites of the program and their event shapes, in sampling order."""
+        sites: dict[str, tuple[int, ...]] = {"z": (self.z_dim,)}
+        if self.rotate:
+            sites["theta"] = ()
+        if self.translate:
+            sites["dx"] = (2,)
+        return sites
+
+    def render(
+        self,
+        z: torch.Tensor,
+        theta: torch.Tensor | None = None,
+        dx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Likelihood parameters ``(..., P, k * C)`` for content ``z`` ``(..., z_dim)`` at a pose.
+
+        ``theta`` ``(...)`` and ``dx`` ``(..., 2)`` are ignored by the vanilla decoder.
+        """
+        if self.vanilla:
+            return self.decoder(z)
+        coords = pose_coordinates(self.grid, theta, dx)
+        return self.decoder(coords, z)
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        theta: torch.Tensor | None = None,
+        dx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Expected images ``(..., C, H, W)`` for content ``z`` at a pose (``theta = dx = 0`` if omitted)."""
+        _, height, width = self.image_shape
+        mean = self.likelihood(self.render(z, theta, dx)).mean
+        return pixels_to_images(mean, height, width)
+
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        *,
+        data_size: int | None = None,
+        num_images: int | None = None,
+    ) -> torch.Tensor:
+        """Run the generative program; returns the observed (or sampled) pixels ``(..., P, C)``.
+
+        ``images`` ``(B, C, H, W)`` are conditioned on at site ``obs``; with ``images=None``,
+        ``num_images`` new images are generated. ``data_size`` is the size of the whole data set when
+        ``images`` is a mini-batch: the plate then scales the batch's log-density by ``data_size / B``.
+        """
+        if images is not None:
+            batch = images.shape[0]
+            obs = images_to_pixels(images)
+        elif num_images is not None:
+            batch, obs = num_images, None
+        else:
+            raise ValueError("pass images to condition on, or num_images to generate")
+        subsample = None
+        if data_size is not None:
+            subsample = torch.arange(batch, device=self.grid.device)
+        with pyro.plate("images", data_size or batch, subsample=subsample):
+            z = pyro.sample("z", self.z_prior())
+            theta = pyro.sample("theta", self.theta_prior()) if self.rotate else None
+            dx = pyro.sample("dx", self.dx_prior()) if self.translate else None
+            params = self.render(z, theta, dx)
+            return pyro.sample("obs", self.likelihood(params), obs=obs)
+
+    def model(self, *args, **kwargs) -> torch.Tensor:
+        """The Pyro model callable (the same as calling the module)."""
+        return self(*args, **kwargs)

@@ -1,0 +1,150 @@
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from conftest import requires_cuda
+
+from pyro_svae import AmortizedGuide, SpatialVAE, evaluate, fit
+from pyro_svae.data import DataError, ImageDataset, rotated_mnist
+from pyro_svae.infer import resolve_device
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, test = rotated_mnist(test_size=200)
+    return train.subset(range(400)), test
+
+
+def tiny(image_shape=(28, 28), **kwargs):
+    model = SpatialVAE(image_shape, 2, hidden_dim=32, **kwargs)
+    return model, AmortizedGuide(model, hidden_dim=32)
+
+
+def narrow(guide):
+    """Shrink every posterior scale to e^-6 so Monte-Carlo estimates have little variance."""
+    with torch.no_grad():
+        for head in guide.heads.values():
+            half = head.out_features // 2
+            head.weight[half:] = 0.0
+            head.bias[half:] = -6.0
+    return guide
+
+
+def test_training_on_a_few_hundred_images_improves_the_elbo(digits):
+    train, test = digits
+    model, guide = tiny()
+    history = fit(model, guide, train, test=test, epochs=3, learning_rate=3e-3, progress=False)
+    elbos = history.values("elbo", "test")
+    assert len(history) == 3 and len(elbos) == 3
+    assert elbos[-1] > elbos[0] + 5
+    train_rows = history.split("train")
+    assert train_rows[-1]["elbo"] > train_rows[0]["elbo"]
+    for row in history.records:
+        assert row["kl"] >= 0
+        assert row["elbo"] == pytest.approx(row["reconstruction"] - row["kl"])
+    assert "theta_circ_corr" in history.last("test")
+
+
+def test_evaluate_reports_per_image_bounds_and_leaves_weights_alone(digits):
+    _, test = digits
+    model, guide = tiny()
+    before = [p.detach().clone() for p in list(model.parameters()) + list(guide.parameters())]
+    report = evaluate(model, guide, test.subset(range(50)), num_particles=8, batch_size=20, seed=0)
+    after = list(model.parameters()) + list(guide.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert report["per_image_elbo"].shape == (50,) and report["num_particles"] == 8
+    # log-mean-exp of the weights is never below their mean (Jensen), image by image
+    assert bool((report["per_image_iw_elbo"] >= report["per_image_elbo"] - 1e-4).all())
+    assert report["elbo"] == pytest.approx(report["reconstruction"] - report["kl"])
+
+
+def test_evaluate_matches_pyros_elbo_estimate(digits):
+    _, test = digits
+    model, guide = tiny()
+    narrow(guide)
+    images = test.images[:40]
+    ours = evaluate(model, guide, images, num_particles=50, seed=1)["elbo"]
+    pyro.set_rng_seed(1)
+    theirs = (
+        -pyro.infer.Trace_ELBO(num_particles=50, vectorize_particles=True).loss(model, guide, images) / 40
+    )
+    assert ours == pytest.approx(theirs, abs=0.5)
+
+
+def test_particle_chunks_do_not_change_the_result(digits):
+    _, test = digits
+    model, guide = tiny()
+    narrow(guide)
+    data = test.subset(range(10))
+    whole = evaluate(model, guide, data, num_particles=6, seed=2)
+    chunked = evaluate(model, guide, data, num_particles=6, seed=2, max_elements=10 * 784 * 32 * 2)
+    assert whole["elbo"] == pytest.approx(chunked["elbo"], abs=1.0)
+
+
+def test_bad_input_at_fit_boundary(digits):
+    model, guide = tiny()
+    with pytest.raises(DataError, match=r"expects images of shape \(1, 28, 28\).*found \(1, 20, 20\)"):
+        fit(model, guide, np.zeros((5, 20, 20)), epochs=1, progress=False)
+    with pytest.raises(DataError, match="NaN or Inf"):
+        fit(model, guide, np.full((5, 28, 28), np.nan), epochs=1, progress=False)
+    with pytest.raises(DataError, match="empty"):
+        fit(model, guide, np.zeros((0, 28, 28)), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(model, guide, digits[0], epochs=1, batch_size=0, progress=False)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, digits):
+    train = digits[0].subset(range(200))
+    test = digits[1].subset(range(50))
+
+    def run(epochs, resume=False, path=tmp_path / "ckpt.pt"):
+        pyro.set_rng_seed(0)  # the same initial weights for every run
+        model, guide = tiny()
+        return fit(
+            model,
+            guide,
+            train,
+            test=test,
+            epochs=epochs,
+            seed=5,
+            progress=False,
+            checkpoint=path,
+            resume=resume,
+            learning_rate=1e-3,
+        )
+
+    full = run(3, path=tmp_path / "full.pt")
+    run(1)
+    resumed = run(3, resume=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(resumed.records) == strip(full.records)
+
+
+def test_arrays_are_accepted_and_the_device_is_resolved():
+    model, guide = tiny((8, 8))
+    data = ImageDataset(np.random.default_rng(0).random((20, 8, 8)))
+    history = fit(model, guide, data.images.numpy()[:, 0], epochs=1, batch_size=7, progress=False)
+    assert math.isfinite(history.last("train")["elbo"])
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+@requires_cuda
+def test_fit_and_evaluate_on_cuda(digits):
+    train, test = digits
+    model, guide = tiny()
+    fit(
+        model,
+        guide,
+        train.subset(range(100)),
+        test=test.subset(range(20)),
+        epochs=1,
+        device="cuda",
+        progress=False,
+    )
+    assert next(model.parameters()).device.type == "cuda"
+    assert math.isfinite(evaluate(model, guide, test.subset(range(20)), num_particles=4)["iw_elbo"])

@@ -1,0 +1,195 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from conftest import requires_cuda
+from pyro import poutine
+
+from pyro_svae import AmortizedGuide, SpatialVAE
+from pyro_svae.coords import pixel_grid, pose_coordinates
+from pyro_svae.model import images_to_pixels, pixels_to_images
+
+
+def small_model(**kwargs):
+    kwargs.setdefault("hidden_dim", 16)
+    return SpatialVAE((6, 6), 3, **kwargs)
+
+
+def sample_sites(trace):
+    return {
+        name: site for name, site in trace.nodes.items() if site["type"] == "sample" and not name == "images"
+    }
+
+
+def test_sites_shapes_and_plate_scaling():
+    model = small_model()
+    images = torch.rand(4, 1, 6, 6)
+    trace = poutine.trace(model).get_trace(images, data_size=40)
+    sites = sample_sites(trace)
+    assert list(sites) == ["z", "theta", "dx", "obs"]
+    assert sites["z"]["fn"].event_shape == (3,) and sites["z"]["value"].shape == (4, 3)
+    assert sites["theta"]["fn"].event_shape == () and sites["theta"]["value"].shape == (4,)
+    assert sites["dx"]["fn"].event_shape == (2,) and sites["dx"]["value"].shape == (4, 2)
+    assert sites["obs"]["fn"].event_shape == (36, 1) and sites["obs"]["is_observed"]
+    assert all(site["scale"] == 10.0 for site in sites.values())
+    assert trace.nodes["images"]["value"].shape == (4,)
+
+
+def test_switches_remove_pose_sites():
+    images = torch.rand(2, 1, 6, 6)
+    for kwargs, expected in [
+        ({"rotate": False}, ["z", "dx", "obs"]),
+        ({"translate": False}, ["z", "theta", "obs"]),
+        ({"vanilla": True}, ["z", "obs"]),
+    ]:
+        trace = poutine.trace(small_model(**kwargs)).get_trace(images)
+        assert list(sample_sites(trace)) == expected
+
+
+def test_vanilla_decoder_ignores_coordinates():
+    model = small_model(vanilla=True)
+    assert model.render(torch.zeros(5, 3)).shape == (5, 36, 1)
+
+
+def test_default_priors_are_the_papers():
+    model = small_model(theta_prior_std=0.5, dx_prior_std=0.2)
+    theta = model.theta_prior()
+    assert isinstance(theta, dist.Normal) and float(theta.scale) == 0.5 and float(theta.loc) == 0
+    dx = model.dx_prior()
+    assert torch.equal(dx.base_dist.scale, torch.full((2,), 0.2))
+    z = model.z_prior()
+    assert torch.equal(z.base_dist.loc, torch.zeros(3)) and torch.equal(z.base_dist.scale, torch.ones(3))
+
+
+def test_user_prior_appears_in_the_trace():
+    prior = dist.VonMises(torch.tensor(0.0), torch.tensor(2.0))
+    model = small_model(theta_prior=prior)
+    trace = poutine.trace(model).get_trace(torch.rand(3, 1, 6, 6))
+    fn = trace.nodes["theta"]["fn"]
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    assert isinstance(fn, dist.VonMises) and bool((fn.concentration == 2.0).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dx_prior": dist.Normal(0.0, 1.0)}, "event shape (2,)"),
+        ({"theta_prior": dist.Normal(torch.zeros(2), 1.0)}, "site 'theta'"),
+        ({"z_prior": dist.Normal(torch.zeros(2), 1.0).to_event(1)}, "event shape (3,)"),
+        ({"vanilla": True, "rotate": True}, "vanilla=True has no pose sites"),
+        ({"vanilla": True, "theta_prior": dist.Normal(0.0, 1.0)}, "vanilla=True"),
+    ],
+)
+def test_bad_configuration_is_rejected_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        small_model(**kwargs)
+
+
+@pytest.mark.parametrize("z_dim", [0, -1, 1.5])
+def test_z_dim_must_be_positive_integer(z_dim):
+    with pytest.raises(ValueError, match="z_dim"):
+        SpatialVAE((6, 6), z_dim)
+
+
+def test_condition_on_theta_renders_aligned_images():
+    model = small_model()
+    conditioned = poutine.condition(model, data={"theta": torch.zeros(2), "dx": torch.zeros(2, 2)})
+    trace = poutine.trace(conditioned).get_trace(num_images=2)
+    assert torch.equal(trace.nodes["theta"]["value"], torch.zeros(2))
+    assert trace.nodes["obs"]["value"].shape == (2, 36, 1)
+
+
+def test_render_uses_the_pose_transform():
+    model = small_model()
+    z = torch.randn(2, 3)
+    theta, dx = torch.tensor([0.3, -1.0]), torch.tensor([[0.1, 0.0], [0.0, -0.2]])
+    coords = pose_coordinates(pixel_grid(6), theta, dx)
+    assert torch.allclose(model.render(z, theta, dx), model.decoder(coords, z))
+
+
+def test_decode_returns_images():
+    model = SpatialVAE((2, 5, 4), 2, hidden_dim=8)
+    assert model.decode(torch.zeros(7, 2)).shape == (7, 2, 5, 4)
+
+
+def test_pixel_layout_round_trip():
+    images = torch.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5)
+    pixels = images_to_pixels(images)
+    assert pixels.shape == (2, 20, 3)
+    assert torch.equal(pixels[1, 6], images[1, :, 1, 1])
+    assert torch.equal(pixels_to_images(pixels, 4, 5), images)
+
+
+def test_two_models_do_not_share_parameters():
+    first, second = small_model(), small_model()
+    assert first._pyro_name != second._pyro_name
+    images = torch.rand(2, 1, 6, 6)
+    poutine.trace(first).get_trace(images)
+    poutine.trace(second).get_trace(images)
+    store = pyro.get_param_store()
+    w1 = store[f"{first._pyro_name}.decoder.coord_linear.weight"]
+    w2 = store[f"{second._pyro_name}.decoder.coord_linear.weight"]
+    assert w1 is first.decoder.coord_linear.weight and w2 is second.decoder.coord_linear.weight
+
+
+def test_priors_and_grid_follow_the_module_dtype():
+    model = small_model(theta_prior=dist.VonMises(torch.tensor(0.0), torch.tensor(1.0))).double()
+    assert model.grid.dtype == torch.float64
+    assert model.theta_prior().concentration.dtype == torch.float64
+    trace = poutine.trace(model).get_trace(torch.rand(2, 1, 6, 6, dtype=torch.float64))
+    assert trace.nodes["obs"]["fn"].base_dist.logits.dtype == torch.float64
+
+
+def test_tiny_model_elbo_matches_a_hand_computation():
+    model = SpatialVAE((2, 3), 1, hidden_dim=4, num_layers=1, theta_prior_std=0.7, dx_prior_std=0.2)
+    guide = AmortizedGuide(model, hidden_dim=5, num_layers=1)
+    images = torch.rand(2, 1, 2, 3)
+    pyro.set_rng_seed(3)
+    elbo = -pyro.infer.Trace_ELBO().loss(model, guide, images)
+    pyro.set_rng_seed(3)
+    sampled = guide(images)  # the ELBO runs the guide first, so the same draws come out
+
+    with torch.no_grad():
+        features = torch.tanh(guide.encoder.net[0](images.flatten(1)))
+        log_q = 0.0
+        for site, value in sampled.items():
+            loc, log_scale = guide.heads[site](features).chunk(2, -1)
+            value = value.reshape(loc.shape)
+            log_q += (
+                -0.5 * ((value - loc) / log_scale.exp()) ** 2 - log_scale - 0.5 * math.log(2 * math.pi)
+            ).sum()
+        z, theta, dx = sampled["z"], sampled["theta"], sampled["dx"]
+
+        def log_normal(x, std):
+            return (-0.5 * (x / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)).sum()
+
+        log_prior = log_normal(z, 1.0) + log_normal(theta, 0.7) + log_normal(dx, 0.2)
+        grid = pixel_grid(2, 3)
+        shifted = grid[None] - dx[:, None, :]
+        c, s = theta.cos()[:, None], theta.sin()[:, None]
+        u = torch.stack(
+            [shifted[..., 0] * c + shifted[..., 1] * s, shifted[..., 1] * c - shifted[..., 0] * s],
+            -1,
+        )
+        dec = model.decoder
+        hidden = torch.tanh(dec.coord_linear(u) + dec.latent_linear(z)[:, None, :])
+        logits = dec.tail[1](hidden).squeeze(-1)
+        y = images.flatten(1)
+        log_lik = (
+            y * torch.nn.functional.logsigmoid(logits) + (1 - y) * torch.nn.functional.logsigmoid(-logits)
+        ).sum()
+    assert elbo == pytest.approx(float(log_lik + log_prior - log_q), rel=1e-5)
+
+
+@requires_cuda
+def test_model_and_guide_run_on_cuda():
+    model = small_model().cuda()
+    guide = AmortizedGuide(model, hidden_dim=8).cuda()
+    images = torch.rand(3, 1, 6, 6, device="cuda")
+    loss = pyro.infer.Trace_ELBO().loss(model, guide, images, data_size=30)
+    assert math.isfinite(loss)
+    trace = poutine.trace(model).get_trace(images)
+    assert trace.nodes["theta"]["value"].device.type == "cuda"
