@@ -32,6 +32,8 @@ from .data.datasets import DataError, ImageDataset
 
 __all__ = [
     "History",
+    "KLWeight",
+    "linear_kl_annealing",
     "resolve_device",
     "as_dataset",
     "fit",
@@ -99,7 +101,9 @@ class _ObsLogProb(Messenger):
     def _pyro_post_sample(self, msg) -> None:
         if msg["name"] == "obs" and msg["is_observed"]:
             with torch.no_grad():
-                log_prob = msg["fn"].log_prob(msg["value"]).sum()
+                log_prob = msg["fn"].log_prob(msg["value"])
+                # mean over vectorized particles (leading dims), sum over the images plate (dim -1)
+                log_prob = log_prob.reshape(-1, log_prob.shape[-1]).sum(-1).mean()
             self.total += float(log_prob) * float(msg["scale"])
             self.runs += 1
 
@@ -107,6 +111,29 @@ class _ObsLogProb(Messenger):
         mean = self.total / max(self.runs, 1)
         self.total, self.runs = 0.0, 0
         return mean
+
+
+class KLWeight(Messenger):
+    """Multiplies the log-densities of latent (unobserved) sites by ``beta`` in model and guide.
+
+    Applied to both, it turns the ELBO into ``E[log p(x | latents)] - beta KL``: KL annealing
+    (``beta`` rising from 0 to 1 over the first epochs) or a beta-VAE (constant ``beta``).
+    """
+
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__()
+        self.beta = float(beta)
+
+    def _pyro_sample(self, msg) -> None:
+        if self.beta != 1.0 and not msg["is_observed"] and not site_is_subsample(msg):
+            msg["scale"] = msg["scale"] * self.beta
+
+
+def linear_kl_annealing(warmup_epochs: int, start: float = 0.0) -> Callable[[int], float]:
+    """``beta(epoch)`` rising linearly from ``start`` at epoch 1 to 1 at ``warmup_epochs`` (then 1)."""
+    if warmup_epochs < 1:
+        raise ValueError(f"warmup_epochs must be >= 1, got {warmup_epochs}")
+    return lambda epoch: min(1.0, start + (1.0 - start) * epoch / warmup_epochs)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterable[torch.Tensor]:
@@ -169,6 +196,7 @@ def fit(
     seed: int | None = 0,
     progress: bool = True,
     callbacks: Sequence[Callable[[int, dict[str, dict[str, Any]]], None]] = (),
+    kl_weight: float | Callable[[int], float] = 1.0,
     checkpoint: str | Path | None = None,
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
@@ -183,6 +211,9 @@ def fit(
     and fixes the shuffling of every epoch. With ``checkpoint`` a checkpoint is written atomically after
     every epoch; ``resume=True`` continues from it (reproducing an uninterrupted run on the CPU).
     ``callbacks`` are called as ``callback(epoch, {"train": record, "test": record})``.
+    ``kl_weight`` (a number, or a function of the epoch such as :func:`linear_kl_annealing`) scales the
+    latent sites' log-densities in model and guide (``poutine``-style scaling); the train ``elbo``
+    recorded is still the unweighted ELBO, recovered from the weighted objective.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -200,7 +231,9 @@ def fit(
     optim = optimizer or pyro.optim.Adam({"lr": learning_rate})
     elbo = loss or Trace_ELBO()
     recorder = _ObsLogProb()
-    svi = SVI(recorder(model), guide, optim, elbo)
+    annealer = KLWeight()
+    svi = SVI(annealer(recorder(model)), annealer(guide), optim, elbo)
+    beta_of = kl_weight if callable(kl_weight) else (lambda epoch: float(kl_weight))
 
     history = History()
     start_epoch = 1
@@ -222,8 +255,11 @@ def fit(
             generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         else:
             generator = torch.Generator().manual_seed(int(torch.randint(2**31, ()).item()))
+        annealer.beta = beta = float(beta_of(epoch))
+        if not beta > 0:
+            raise ValueError(f"kl_weight must be positive, got {beta} at epoch {epoch}")
         started = time.perf_counter()
-        elbo_sum = recon_sum = 0.0
+        objective_sum = recon_sum = 0.0
         model.train()
         guide.train()
         batches = list(_batches(n, batch_size, generator))
@@ -236,20 +272,23 @@ def fit(
                     f"the loss became {step_loss} in epoch {epoch}; lower the learning rate"
                 )
             weight = index.numel() / n
-            elbo_sum -= step_loss * weight
+            objective_sum -= step_loss * weight
             recon_sum += recorder.pop() * weight
             bar.set_postfix(elbo=f"{-step_loss / n:.1f}")
         seconds = time.perf_counter() - started
+        kl = (recon_sum - objective_sum) / beta / n
         records = {
             "train": {
                 "epoch": epoch,
                 "split": "train",
-                "elbo": elbo_sum / n,
+                "elbo": recon_sum / n - kl,
                 "reconstruction": recon_sum / n,
-                "kl": (recon_sum - elbo_sum) / n,
+                "kl": kl,
                 "seconds": seconds,
             }
         }
+        if beta != 1.0:
+            records["train"]["kl_weight"] = beta
         if test is not None:
             report = evaluate(model, guide, test, num_particles=1, batch_size=max(batch_size, 100))
             record = {"epoch": epoch, "split": "test", **report.pop("per_image_summary")}

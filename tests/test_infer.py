@@ -148,3 +148,36 @@ def test_fit_and_evaluate_on_cuda(digits):
     )
     assert next(model.parameters()).device.type == "cuda"
     assert math.isfinite(evaluate(model, guide, test.subset(range(20)), num_particles=4)["iw_elbo"])
+
+
+def test_kl_weight_scales_latent_sites_only():
+    from pyro import poutine
+
+    from pyro_svae.infer import KLWeight
+
+    model, guide = tiny((8, 8))
+    images = torch.rand(3, 1, 8, 8)
+    trace = poutine.trace(KLWeight(0.25)(model)).get_trace(images, data_size=6)
+    assert trace.nodes["z"]["scale"] == 0.5 and trace.nodes["theta"]["scale"] == 0.5
+    assert trace.nodes["obs"]["scale"] == 2.0
+    guide_trace = poutine.trace(KLWeight(0.25)(guide)).get_trace(images, data_size=6)
+    assert guide_trace.nodes["dx"]["scale"] == 0.5
+
+
+def test_kl_annealing_schedule_is_recorded_and_the_elbo_stays_unweighted(digits):
+    from pyro_svae.infer import linear_kl_annealing
+
+    train, _ = digits
+    model, guide = tiny()
+    history = fit(
+        model,
+        guide,
+        train.subset(range(100)),
+        epochs=3,
+        progress=False,
+        kl_weight=linear_kl_annealing(3, start=0.0),
+    )
+    rows = history.split("train")
+    assert [r.get("kl_weight") for r in rows] == [pytest.approx(1 / 3), pytest.approx(2 / 3), None]
+    for row in rows:
+        assert row["elbo"] == pytest.approx(row["reconstruction"] - row["kl"]) and row["kl"] > 0
