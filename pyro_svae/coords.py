@@ -30,6 +30,7 @@ __all__ = [
     "pose_coordinates",
     "transform_images",
     "wrap_angle",
+    "bin_centres",
 ]
 
 
@@ -130,6 +131,16 @@ def transform_images(
     # grid_sample wants (x, y) with y pointing down the rows, both in [-1, 1] (align_corners=True).
     sample_at = torch.stack([coords[..., 0], -coords[..., 1]], dim=-1).reshape(batch, height, width, 2)
     return F.grid_sample(images, sample_at, mode=mode, padding_mode="zeros", align_corners=True)
+
+
+def bin_centres(
+    bins: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Centres ``2 pi k / K`` of K rotation bins wrapped to ``[-pi, pi)``, ``(K,)``; bin 0 is upright."""
+    angles = torch.arange(bins, device=device, dtype=dtype or torch.get_default_dtype()) * (
+        2 * math.pi / bins
+    )
+    return wrap_angle(angles)
 
 
 def wrap_angle(theta: torch.Tensor) -> torch.Tensor:

@@ -206,8 +206,9 @@ def fit(
     ``train``/``test``: :class:`ImageDataset` or arrays ``(N, H, W)`` / ``(N, C, H, W)``. Each epoch
     records the per-image train ELBO (averaged over the epoch's steps), reconstruction term and KL, and
     the test ELBO (one posterior sample per image, weights fixed) with pose metrics when the test data
-    carry ground truth. ``loss`` is any Pyro ELBO (default ``Trace_ELBO()``), ``optimizer`` any
-    ``pyro.optim`` optimizer (default ``Adam(lr=learning_rate)``). ``seed`` seeds Pyro once at the start
+    carry ground truth. ``loss`` is any Pyro ELBO (default: ``guide.default_loss()`` where the guide
+    has one, else ``Trace_ELBO()``), ``optimizer`` any ``pyro.optim`` optimizer (default
+    ``Adam(lr=learning_rate)``). ``seed`` seeds Pyro once at the start
     and fixes the shuffling of every epoch. With ``checkpoint`` a checkpoint is written atomically after
     every epoch; ``resume=True`` continues from it (reproducing an uninterrupted run on the CPU).
     ``callbacks`` are called as ``callback(epoch, {"train": record, "test": record})``.
@@ -229,7 +230,9 @@ def fit(
     if seed is not None:
         pyro.set_rng_seed(seed)
     optim = optimizer or pyro.optim.Adam({"lr": learning_rate})
-    elbo = loss or Trace_ELBO()
+    if loss is None:  # guides that need a particular estimator (enumeration, score function) say which
+        loss = guide.default_loss() if hasattr(guide, "default_loss") else Trace_ELBO()
+    elbo = loss
     recorder = _ObsLogProb()
     annealer = KLWeight()
     svi = SVI(annealer(recorder(model)), annealer(guide), optim, elbo)

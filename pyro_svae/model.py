@@ -7,12 +7,13 @@ import math
 from collections.abc import Sequence
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
-from .coords import pixel_grid, pose_coordinates
+from .coords import bin_centres, pixel_grid, pose_coordinates
 from .decoders import SpatialDecoder, VanillaDecoder
 from .likelihoods import make_likelihood
 from .priors import as_prior, normal_dx, normal_theta, standard_normal_z
@@ -60,6 +61,12 @@ class SpatialVAE(PyroModule):
     Priors default to the paper's, ``z ~ N(0, I)``, ``theta ~ N(0, theta_prior_std)``,
     ``dx ~ N(0, dx_prior_std I)``; any distribution (or module returning one) with the site's event shape
     may be passed instead and moves with the module to its device.
+
+    ``rotation_bins = K`` adds a discrete site ``theta_bin`` before ``theta``: K bins centred at
+    ``2 pi k / K`` (wrapped to ``[-pi, pi)``), ``p(bin = k)`` proportional to the theta prior's density at
+    the bin centre, and ``theta | bin ~ N(centre, pi / K)``, so that the bins tile the theta prior (a
+    uniform prior gives a nearly flat mixture on the circle). Guides may then enumerate the bin
+    (``TraceEnum_ELBO``) or sample it (``TraceGraph_ELBO``); see :mod:`pyro_svae.pose_search`.
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class SpatialVAE(PyroModule):
         dx_prior: torch.distributions.Distribution | nn.Module | None = None,
         theta_prior_std: float = math.pi / 4,
         dx_prior_std: float = 0.1,
+        rotation_bins: int | None = None,
         likelihood: str | nn.Module = "bernoulli",
         hidden_dim: int = 500,
         num_layers: int = 2,
@@ -89,6 +97,12 @@ class SpatialVAE(PyroModule):
                 "vanilla=True has no pose sites: do not combine it with rotate, translate, "
                 "theta_prior or dx_prior"
             )
+        if rotation_bins is not None and (
+            not isinstance(rotation_bins, int) or rotation_bins < 2 or rotate is False or vanilla
+        ):
+            raise ValueError(
+                f"rotation_bins must be an integer >= 2 on a model that rotates, got {rotation_bins!r}"
+            )
         self.image_shape = _image_shape(image_shape)
         self.z_dim = z_dim
         self.vanilla = vanilla
@@ -102,6 +116,7 @@ class SpatialVAE(PyroModule):
             "vanilla": vanilla,
             "theta_prior_std": theta_prior_std,
             "dx_prior_std": dx_prior_std,
+            "rotation_bins": rotation_bins,
             "likelihood": likelihood if isinstance(likelihood, str) else type(likelihood).__name__,
             "hidden_dim": hidden_dim,
             "num_layers": num_layers,
@@ -141,6 +156,10 @@ class SpatialVAE(PyroModule):
             )
         self.decoder = decoder
         self.register_buffer("grid", pixel_grid(height, width), persistent=False)
+        self.rotation_bins = rotation_bins
+        if rotation_bins is not None:
+            self.register_buffer("bin_centres", bin_centres(rotation_bins), persistent=False)
+            self.bin_scale = math.pi / rotation_bins
         # Plain nn.Modules inside become PyroModules so their parameters live in Pyro's param store.
         to_pyro_module_(self)
 
@@ -149,6 +168,8 @@ class SpatialVAE(PyroModule):
     def latent_sites(self) -> dict[str, tuple[int, ...]]:
         """Latent sample sites of the program and their event shapes, in sampling order."""
         sites: dict[str, tuple[int, ...]] = {"z": (self.z_dim,)}
+        if self.rotation_bins is not None:
+            sites["theta_bin"] = ()
         if self.rotate:
             sites["theta"] = ()
         if self.translate:
@@ -206,10 +227,18 @@ class SpatialVAE(PyroModule):
             subsample = torch.arange(batch, device=self.grid.device)
         with pyro.plate("images", data_size or batch, subsample=subsample):
             z = pyro.sample("z", self.z_prior())
-            theta = pyro.sample("theta", self.theta_prior()) if self.rotate else None
+            theta = self._sample_theta() if self.rotate else None
             dx = pyro.sample("dx", self.dx_prior()) if self.translate else None
             params = self.render(z, theta, dx)
             return pyro.sample("obs", self.likelihood(params), obs=obs)
+
+    def _sample_theta(self) -> torch.Tensor:
+        if self.rotation_bins is None:
+            return pyro.sample("theta", self.theta_prior())
+        centres = self.bin_centres
+        logits = self.theta_prior().log_prob(centres)
+        index = pyro.sample("theta_bin", dist.Categorical(logits=logits))
+        return pyro.sample("theta", dist.Normal(centres[index], self.bin_scale))
 
     def model(self, *args, **kwargs) -> torch.Tensor:
         """The Pyro model callable (the same as calling the module)."""

@@ -1,0 +1,247 @@
+"""Guides that search over rotation: a categorical posterior over rotation bins plus a continuous offset.
+
+For a :class:`~pyro_svae.model.SpatialVAE` built with ``rotation_bins=K``:
+
+* :class:`PoseSearchGuide` samples ``theta_bin ~ Categorical(logits(x))`` and
+  ``theta | bin=k ~ N(centre_k + offset_k(x), scale_k(x))``. With ``mode="enumerate"`` the bin is
+  marked for parallel enumeration and ``TraceEnum_ELBO`` sums over all K bins exactly (the decoder runs
+  on K rotated grids at once); with ``mode="sample"`` it is sampled and ``TraceGraph_ELBO`` gives
+  score-function gradients for it. ``guide.default_loss()`` returns the matching ELBO.
+* :class:`RotationEquivariantEncoder` applies one CNN to K rotated copies of each image, so turning the
+  image by one bin shifts its bin logits by one bin; content features are pooled over the copies (rotation
+  invariant) and the position comes from a soft-argmax over the image (translation equivariant).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
+from pyro.nn import PyroModule
+from pyro.nn.module import to_pyro_module_
+from pyro.ops.indexing import Vindex
+from torch import nn
+
+from .coords import bin_centres, pixel_grid, transform_images
+from .encoders import MLPEncoder
+from .guides import NormalFamily
+from .model import SpatialVAE, unique_name
+
+__all__ = ["RotationEquivariantEncoder", "PoseSearchGuide"]
+
+
+class RotationEquivariantEncoder(nn.Module):
+    """A shared CNN over K rotated copies of each image.
+
+    ``forward(images (B, C, H, W))`` returns a dict: ``bin_logits`` ``(B, K)`` (equivariant: rotating the
+    input by ``2 pi / K`` rolls them by one bin), ``bin_features`` ``(B, K, F)`` (per-bin features for the
+    angle offset), ``features`` ``(B, 2 F)`` (rotation-invariant content features: attention- and
+    max-pooled over copies) and ``position`` ``(B, 2)`` (soft-argmax of a heat map over the image, in grid
+    units).
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        bins: int,
+        *,
+        channels: int = 32,
+        num_conv: int = 3,
+    ) -> None:
+        super().__init__()
+        if bins < 2 or channels < 1 or num_conv < 1:
+            raise ValueError(
+                f"bins >= 2, channels >= 1, num_conv >= 1 needed, got {bins}, {channels}, {num_conv}"
+            )
+        in_channels, height, width = image_shape
+        layers: list[nn.Module] = []
+        for i in range(num_conv):
+            kernel = 5 if i == 0 else 3
+            layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, kernel, padding=kernel // 2)]
+            layers += [nn.ReLU()]
+        self.cnn = nn.Sequential(*layers)
+        # a coarse spatial layout (not a global mean) keeps the per-copy features orientation-selective
+        self.per_copy = nn.Sequential(
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * channels, channels), nn.ReLU()
+        )
+        self.score = nn.Linear(channels, 1)
+        self.heat = nn.Conv2d(channels, 1, 1)
+        self.bins = bins
+        self.out_features = 2 * channels
+        self.bin_feature_dim = channels
+        self.register_buffer("centres", bin_centres(bins), persistent=False)
+        self.register_buffer("grid", pixel_grid(height, width), persistent=False)
+
+    def rotated_copies(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, K, C, H, W)``: copy ``k`` is the image turned by ``-centre_k`` (copy 0 is the image)."""
+        batch = images.shape[0]
+        repeated = images.repeat_interleave(self.bins, dim=0)
+        angles = (-self.centres).repeat(batch).to(images.dtype)
+        return transform_images(repeated, angles).unflatten(0, (batch, self.bins))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = images.shape[0]
+        maps = self.cnn(self.rotated_copies(images).flatten(0, 1))  # (B K, F, H, W)
+        pooled = self.per_copy(maps).unflatten(0, (batch, self.bins))  # (B, K, F)
+        logits = self.score(pooled).squeeze(-1)
+        attention = torch.softmax(logits, -1).unsqueeze(-1)
+        features = torch.cat([(attention * pooled).sum(1), pooled.amax(1)], dim=-1)
+        heat = self.heat(maps.unflatten(0, (batch, self.bins))[:, 0]).flatten(1)  # copy 0: the image
+        position = torch.softmax(heat, -1) @ self.grid.to(heat.dtype)
+        return {"bin_logits": logits, "bin_features": pooled, "features": features, "position": position}
+
+
+class PoseSearchGuide(PyroModule):
+    """Amortized guide with a categorical posterior over rotation bins (see the module docstring).
+
+    ``encoder``: ``"mlp"`` (the paper's network; bin logits from a linear head) or ``"equivariant"``
+    (:class:`RotationEquivariantEncoder`), or a module with either interface.
+    """
+
+    def __init__(
+        self,
+        model: SpatialVAE,
+        encoder: str | nn.Module = "equivariant",
+        *,
+        mode: str = "enumerate",
+        hidden_dim: int = 500,
+        num_layers: int = 2,
+        activation: str = "tanh",
+        channels: int = 32,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name or unique_name("guide"))
+        if model.rotation_bins is None:
+            raise ValueError("PoseSearchGuide needs a model built with rotation_bins=K")
+        if mode not in ("enumerate", "sample"):
+            raise ValueError(f"mode must be 'enumerate' or 'sample', got {mode!r}")
+        self.mode = mode
+        self.bins = bins = model.rotation_bins
+        self.image_shape = model.image_shape
+        self.site_shapes = dict(model.latent_sites)
+        self.bin_scale_init = model.bin_scale
+        if encoder == "mlp":
+            encoder = MLPEncoder(
+                self.image_shape, hidden_dim=hidden_dim, num_layers=num_layers, activation=activation
+            )
+        elif encoder == "equivariant":
+            encoder = RotationEquivariantEncoder(self.image_shape, bins, channels=channels)
+        self.encoder = encoder
+        self.config = {
+            "encoder": type(encoder).__name__,
+            "mode": mode,
+            "hidden_dim": hidden_dim,
+            "num_layers": num_layers,
+            "activation": activation,
+            "channels": channels,
+        }
+        features = encoder.out_features
+        self.structured = hasattr(encoder, "bin_feature_dim")
+        self.z_family = NormalFamily((model.z_dim,))
+        self.z_head = nn.Linear(features, self.z_family.num_params)
+        if self.structured:
+            self.offset_head = nn.Linear(encoder.bin_feature_dim, 2)  # per bin: offset, log scale
+        else:
+            self.bin_head = nn.Linear(features, bins)
+            self.offset_head = nn.Linear(features, 2 * bins)
+        self.translate = "dx" in self.site_shapes
+        if self.translate:
+            self.dx_family = NormalFamily((2,))
+            self.dx_head = nn.Linear(features, self.dx_family.num_params)
+        self.register_buffer("centres", bin_centres(bins), persistent=False)
+        to_pyro_module_(self)
+
+    def default_loss(self) -> pyro.infer.ELBO:
+        """The ELBO that fits the mode: ``TraceEnum_ELBO`` (enumerate) or ``TraceGraph_ELBO`` (sample)."""
+        if self.mode == "enumerate":
+            return TraceEnum_ELBO(max_plate_nesting=1)
+        return TraceGraph_ELBO()
+
+    @property
+    def has_rsample(self) -> bool:
+        return False
+
+    def raw_params(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``bin_logits`` ``(B, K)``, ``offset`` / ``log_scale`` ``(B, K)``, ``z`` and ``dx`` head outputs."""
+        encoded = self.encoder(images)
+        if self.structured:
+            features = encoded["features"]
+            offset, log_scale = self.offset_head(encoded["bin_features"]).unbind(-1)
+            logits = encoded["bin_logits"]
+        else:
+            features = encoded
+            logits = self.bin_head(features)
+            offset, log_scale = self.offset_head(features).chunk(2, -1)
+        raw = {
+            "bin_logits": logits,
+            "offset": offset,
+            "log_scale": log_scale + math.log(self.bin_scale_init),
+            "z": self.z_head(features),
+        }
+        if self.translate:
+            dx_raw = self.dx_head(features)
+            if self.structured:  # the soft-argmax position is the equivariant part of the mean
+                dx_raw = torch.cat([dx_raw[..., :2] + encoded["position"], dx_raw[..., 2:]], -1)
+            raw["dx"] = dx_raw
+        return raw
+
+    def distributions(self, images: torch.Tensor) -> dict[str, dist.Distribution]:
+        """``q`` per site, batch ``(B,)``; ``theta`` is the marginal mixture over bins."""
+        raw = self.raw_params(images)
+        loc = self.centres + raw["offset"]
+        q = {
+            "z": self.z_family(raw["z"]),
+            "theta_bin": dist.Categorical(logits=raw["bin_logits"]),
+            "theta": dist.MixtureSameFamily(
+                dist.Categorical(logits=raw["bin_logits"]), dist.Normal(loc, raw["log_scale"].exp())
+            ),
+        }
+        if self.translate:
+            q["dx"] = self.dx_family(raw["dx"])
+        return q
+
+    def posterior_means(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``z`` and ``dx`` means, ``theta`` as the circular mean of the bin mixture, ``theta_bin`` mode."""
+        raw = self.raw_params(images)
+        probs = torch.softmax(raw["bin_logits"], -1)
+        angle = self.centres + raw["offset"]
+        cos = (probs * torch.cos(angle)).sum(-1)
+        sin = (probs * torch.sin(angle)).sum(-1)
+        means = {
+            "z": self.z_family.mean(raw["z"]),
+            "theta": torch.atan2(sin, cos),
+            "theta_bin": probs.argmax(-1),
+        }
+        if self.translate:
+            means["dx"] = self.dx_family.mean(raw["dx"])
+        return means
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        data_size: int | None = None,
+        num_images: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Sample ``z``, ``theta_bin``, ``theta`` (and ``dx``) for ``images`` ``(B, C, H, W)``."""
+        batch = images.shape[0]
+        raw = self.raw_params(images)
+        subsample = torch.arange(batch, device=images.device) if data_size is not None else None
+        infer = {"enumerate": "parallel"} if self.mode == "enumerate" else {}
+        values = {}
+        with pyro.plate("images", data_size or batch, subsample=subsample):
+            values["z"] = pyro.sample("z", self.z_family(raw["z"]))
+            index = pyro.sample("theta_bin", dist.Categorical(logits=raw["bin_logits"]), infer=infer)
+            loc = self.centres[index] + Vindex(raw["offset"])[..., index]
+            scale = Vindex(raw["log_scale"])[..., index].exp()
+            values["theta_bin"] = index
+            values["theta"] = pyro.sample("theta", dist.Normal(loc, scale))
+            if self.translate:
+                values["dx"] = pyro.sample("dx", self.dx_family(raw["dx"]))
+        return values
+
+    def guide(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return self(*args, **kwargs)
