@@ -1,46 +1,258 @@
 """Amortized guides: an encoder reads each image once; one head per site gives q(site | image).
 
 The distribution family of each site is a constructor choice (:data:`FAMILIES`), so a guide can change
-the family of one site without touching the others.
+the family of one site without touching the others::
+
+    AmortizedGuide(model, families={"theta": "projected_normal", "z": "full_normal"}, encoder=CNNEncoder(...))
+
+Families (``name``: event shapes, reparameterized?):
+
+* ``"normal"`` -- diagonal Normal, any event shape, yes (the paper's guide).
+* ``"lowrank_normal"`` -- ``LowRankMultivariateNormal`` (``rank`` factors plus a diagonal), ``(d,)``, yes.
+* ``"full_normal"`` -- ``MultivariateNormal`` with a Cholesky factor (full covariance), ``(d,)``, yes.
+* ``"constrained_normal"`` -- a Normal pushed through ``biject_to(prior.support)`` (e.g. a sigmoid onto
+  the box of :func:`~pyro_svae.priors.uniform_box_dx`), any event shape, yes. Chosen automatically for a
+  site whose prior has a bounded support.
+* ``"von_mises"`` -- ``VonMises`` on the circle, ``()``, **no**: ``torch`` has no reparameterized von Mises
+  sampler, so train with ``TraceGraph_ELBO`` (score-function gradients, Rao-Blackwellized per image);
+  :meth:`AmortizedGuide.default_loss` (which :func:`~pyro_svae.infer.fit` uses when no ``loss`` is given)
+  picks it. ``TraceMeanField_ELBO`` and the importance-weighted objectives need reparameterized guides
+  and refuse it.
+* ``"projected_normal"`` -- the angle of a 2-D ``ProjectedNormal`` vector, ``()``, yes.
+* ``"wrapped_normal"`` -- a Normal wrapped onto ``[-pi, pi)``, ``()``, yes.
+
+Circular families return angles in ``[-pi, pi)`` and their densities are 2 pi-periodic. Their location is
+the angle of a 2-vector output by the head (never a raw real number), so that images turning once around
+the circle can map continuously to posterior locations turning once around the circle.
+
+**Support and the circular ELBO.** The paper's ``"normal"`` guide on the real line, used against a
+circular prior (:func:`~pyro_svae.priors.is_circular`: von Mises, circular-uniform, symmetric mixture),
+gives an objective that is the ELBO of the *wrapped* guide only up to the guide's mass beyond
+``±pi`` around its mean: the likelihood and a circular prior are 2 pi-periodic, so only ``theta mod 2 pi``
+matters, but the Normal's entropy on the real line exceeds the entropy of the angle it induces (it counts
+the same angle once per turn). The objective is therefore *not* a lower bound on ``log p(x)`` and is even
+unbounded above (``std -> inf`` gains entropy without limit). It is safe in practice when every posterior
+std is well below pi (e.g. std < pi / 3 leaves less than 0.3 % of mass beyond ±pi), as for the paper's
+rotated MNIST with a concentrated prior; it is not when the prior is flat or poses are ambiguous
+(symmetric objects), where a circular family gives the exact ELBO. :class:`AmortizedGuide` warns when a
+circular prior meets a real-line family, and :func:`wrapped_theta` re-evaluates a trained ``"normal"``
+guide with its wrapped (circular) density, which is a valid bound again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
+from torch.distributions import biject_to
 
 from .encoders import MLPEncoder
 from .model import SpatialVAE, unique_name
+from .priors import is_circular
 
-__all__ = ["SiteFamily", "NormalFamily", "FAMILIES", "AmortizedGuide"]
+__all__ = [
+    "SiteFamily",
+    "NormalFamily",
+    "LowRankNormalFamily",
+    "FullNormalFamily",
+    "ConstrainedNormalFamily",
+    "VonMisesFamily",
+    "ProjectedNormalFamily",
+    "WrappedNormalFamily",
+    "WrappedNormal",
+    "ProjectedNormalAngle",
+    "FAMILIES",
+    "AmortizedGuide",
+    "CircularSupportWarning",
+    "wrapped_theta",
+]
+
+_TWO_PI = 2 * math.pi
 
 
+def _wrap(theta: torch.Tensor) -> torch.Tensor:
+    return torch.remainder(theta + math.pi, _TWO_PI) - math.pi
+
+
+def _is_real(support: constraints.Constraint) -> bool:
+    while hasattr(support, "base_constraint"):  # independent(...), mixture-of-components constraints
+        support = support.base_constraint
+    return support is constraints.real or type(support) is type(constraints.real)
+
+
+class CircularSupportWarning(UserWarning):
+    """A real-line guide family meets a prior on the circle (the ELBO is then approximate)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Circular distributions with reparameterized samplers
+# --------------------------------------------------------------------------------------------------
+class WrappedNormal(dist.TorchDistribution):
+    """A Normal ``N(loc, scale)`` wrapped onto the circle: samples in ``[-pi, pi)``, density
+    ``sum_k N(theta + 2 pi k; loc, scale)`` (2 pi-periodic, ``support = real`` like ``VonMises``).
+
+    ``rsample`` wraps a reparameterized Normal sample (the wrap is the identity almost everywhere, so the
+    gradient is the Normal's). The density is summed over 7 windings for ``scale <= pi`` and evaluated by
+    its Fourier series for ``scale > pi``; both are exact to float precision in their range.
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.real
+    has_rsample = True
+    circular = True
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args: bool | None = None) -> None:
+        self.loc, self.scale = torch.broadcast_tensors(torch.as_tensor(loc), torch.as_tensor(scale))
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(WrappedNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        super(WrappedNormal, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def rsample(self, sample_shape=()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return _wrap(self.loc + self.scale * eps)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        d = _wrap(value - self.loc)
+        d, scale = torch.broadcast_tensors(d, self.scale)
+        # windings: exact for scale <= pi (the 4th winding lies > 5 std away)
+        k = torch.arange(-3, 4, dtype=d.dtype, device=d.device)
+        x = (d.unsqueeze(-1) + _TWO_PI * k) / scale.unsqueeze(-1)
+        windings = torch.logsumexp(-0.5 * x**2, -1) - scale.log() - 0.5 * math.log(_TWO_PI)
+        # Fourier series: exact for scale > pi (exp(-n^2 scale^2 / 2) < 1e-19 from n = 3)
+        n = torch.arange(1, 6, dtype=d.dtype, device=d.device)
+        terms = torch.exp(-0.5 * (n * scale.unsqueeze(-1)) ** 2) * torch.cos(n * d.unsqueeze(-1))
+        fourier = torch.log((1 + 2 * terms.sum(-1)).clamp_min(1e-30)) - math.log(_TWO_PI)
+        return torch.where(scale <= math.pi, windings, fourier)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The circular mean direction, in ``[-pi, pi)``."""
+        return _wrap(self.loc)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """The circular variance ``1 - exp(-scale^2 / 2)``."""
+        return 1 - torch.exp(-0.5 * self.scale**2)
+
+
+class ProjectedNormalAngle(dist.TorchDistribution):
+    """The angle of a 2-D ``ProjectedNormal(concentration)`` unit vector, in ``[-pi, pi)``.
+
+    ``rsample`` is reparameterized (Pyro's ``ProjectedNormal`` normalizes a reparameterized Normal
+    vector); the density of the angle is the projected normal's density on the unit circle (with
+    respect to arc length, so it integrates to one over a turn). Its mean direction is the angle of
+    ``concentration`` and its spread shrinks as ``|concentration|`` grows.
+    """
+
+    arg_constraints = {"concentration": constraints.real_vector}
+    support = constraints.real
+    has_rsample = True
+    circular = True
+
+    def __init__(self, concentration: torch.Tensor, validate_args: bool | None = None) -> None:
+        if concentration.shape[-1:] != (2,):
+            raise ValueError(
+                f"concentration must end in a dimension of size 2, got {tuple(concentration.shape)}"
+            )
+        self.concentration = concentration
+        self._projected = dist.ProjectedNormal(concentration, validate_args=False)
+        super().__init__(concentration.shape[:-1], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        new = self._get_checked_instance(ProjectedNormalAngle, _instance)
+        new.concentration = self.concentration.expand(batch_shape + (2,))
+        new._projected = dist.ProjectedNormal(new.concentration, validate_args=False)
+        super(ProjectedNormalAngle, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def rsample(self, sample_shape=()) -> torch.Tensor:
+        v = self._projected.rsample(sample_shape)
+        return torch.atan2(v[..., 1], v[..., 0])
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        unit = torch.stack([torch.cos(value), torch.sin(value)], dim=-1)
+        return self._projected.log_prob(unit)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The mean direction (the angle of ``concentration``; the density is symmetric about it)."""
+        return torch.atan2(self.concentration[..., 1], self.concentration[..., 0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Families: head outputs ``raw (..., num_params)`` -> distribution
+# --------------------------------------------------------------------------------------------------
 class SiteFamily(nn.Module):
     """A distribution family for one site: ``forward(raw (..., num_params))`` -> distribution with
-    batch shape ``(...)`` and the site's event shape."""
+    batch shape ``(...)`` and the site's event shape.
 
+    ``has_rsample``: whether samples are reparameterized (else score-function gradients,
+    ``TraceGraph_ELBO``); ``circular``: whether it is a distribution of an angle on the circle;
+    ``support``: the constraint its samples satisfy.
+    """
+
+    name: str = "family"
     num_params: int
     has_rsample: bool = True
+    circular: bool = False
+    support: constraints.Constraint = constraints.real
 
     def __init__(self, event_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.event_shape = tuple(event_shape)
         self.event_numel = math.prod(self.event_shape)
 
+    @classmethod
+    def for_prior(cls, event_shape: tuple[int, ...], prior: torch.distributions.Distribution | None):
+        """The family for a site with this prior (families that adapt to the prior's support override)."""
+        return cls(event_shape)
+
     def mean(self, raw: torch.Tensor) -> torch.Tensor:
         """Posterior point estimate ``(..., *event_shape)`` (the mean, or circular mean for angles)."""
         return self(raw).mean
 
+    def _check_vector(self) -> int:
+        if len(self.event_shape) != 1:
+            raise ValueError(
+                f"the '{self.name}' family needs a vector site (event shape (d,)), got {self.event_shape}"
+            )
+        return self.event_shape[0]
+
+    def _check_angle(self) -> None:
+        if self.event_shape != ():
+            raise ValueError(
+                f"the '{self.name}' family is for an angle (event shape ()), got {self.event_shape}"
+            )
+
 
 class NormalFamily(SiteFamily):
     """Diagonal Normal: location and log standard deviation per element (the paper's guide)."""
+
+    name = "normal"
 
     def __init__(self, event_shape: tuple[int, ...]) -> None:
         super().__init__(event_shape)
@@ -53,10 +265,200 @@ class NormalFamily(SiteFamily):
         return normal.to_event(len(self.event_shape))
 
 
-FAMILIES: dict[str, type[SiteFamily]] = {"normal": NormalFamily}
+class LowRankNormalFamily(SiteFamily):
+    """``LowRankMultivariateNormal``: covariance ``W W^T + diag(d)`` with ``rank`` columns in ``W``."""
+
+    name = "lowrank_normal"
+
+    def __init__(self, event_shape: tuple[int, ...], rank: int | None = None) -> None:
+        super().__init__(event_shape)
+        dim = self._check_vector()
+        self.rank = rank if rank is not None else (1 if dim <= 2 else 2)
+        if not 1 <= self.rank <= dim:
+            raise ValueError(f"rank must be between 1 and {dim}, got {self.rank}")
+        self.num_params = dim * (2 + self.rank)
+
+    def forward(self, raw: torch.Tensor) -> dist.Distribution:
+        dim = self.event_shape[0]
+        loc, log_diag, factor = raw.split([dim, dim, dim * self.rank], dim=-1)
+        factor = factor.unflatten(-1, (dim, self.rank))
+        return dist.LowRankMultivariateNormal(loc, factor, log_diag.exp())
 
 
-def make_family(family: str | SiteFamily, event_shape: tuple[int, ...], site: str) -> SiteFamily:
+class FullNormalFamily(SiteFamily):
+    """``MultivariateNormal`` with a full covariance through its Cholesky factor (diagonal kept
+    positive by ``exp``, strictly lower part unconstrained)."""
+
+    name = "full_normal"
+
+    def __init__(self, event_shape: tuple[int, ...]) -> None:
+        super().__init__(event_shape)
+        dim = self._check_vector()
+        self.num_params = dim + dim * (dim + 1) // 2
+        rows, cols = torch.tril_indices(dim, dim, offset=-1)
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_cols", cols, persistent=False)
+
+    def forward(self, raw: torch.Tensor) -> dist.Distribution:
+        dim = self.event_shape[0]
+        loc, log_diag, lower = raw.split([dim, dim, dim * (dim - 1) // 2], dim=-1)
+        tril = raw.new_zeros(raw.shape[:-1] + (dim, dim))
+        tril[..., self._rows, self._cols] = lower
+        tril = tril + torch.diag_embed(log_diag.exp())
+        return dist.MultivariateNormal(loc, scale_tril=tril)
+
+
+class ConstrainedNormalFamily(SiteFamily):
+    """A diagonal Normal in unconstrained space pushed through ``biject_to(support)``: a guide whose
+    samples always lie in the prior's support (e.g. inside a box). Its point estimate is the image of
+    the Normal's location (the median)."""
+
+    name = "constrained_normal"
+
+    def __init__(
+        self, event_shape: tuple[int, ...], support: constraints.Constraint = constraints.real
+    ) -> None:
+        super().__init__(event_shape)
+        self.num_params = 2 * self.event_numel
+        self.support = support
+        self.transform = biject_to(support)
+
+    @classmethod
+    def for_prior(cls, event_shape, prior):
+        return cls(event_shape, constraints.real if prior is None else prior.support)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.support = _map_constraint(self.support, fn)
+        self.transform = biject_to(self.support)
+        return self
+
+    def forward(self, raw: torch.Tensor) -> dist.Distribution:
+        loc, log_scale = raw.chunk(2, dim=-1)
+        shape = raw.shape[:-1] + self.event_shape
+        base = dist.Normal(loc.reshape(shape), log_scale.exp().reshape(shape)).to_event(len(self.event_shape))
+        return dist.TransformedDistribution(base, self.transform)
+
+    def mean(self, raw: torch.Tensor) -> torch.Tensor:
+        loc = raw.chunk(2, dim=-1)[0].reshape(raw.shape[:-1] + self.event_shape)
+        return self.transform(loc)
+
+
+def _map_constraint(constraint, fn):
+    """Move the tensors of an interval-type constraint with the module (``.to(device)``)."""
+    if isinstance(constraint, constraints.independent):
+        return constraints.independent(
+            _map_constraint(constraint.base_constraint, fn), constraint.reinterpreted_batch_ndims
+        )
+    for attrs, build in (
+        (("lower_bound", "upper_bound"), lambda a, b: type(constraint)(a, b)),
+        (("lower_bound",), lambda a: type(constraint)(a)),
+    ):
+        values = [getattr(constraint, a, None) for a in attrs]
+        if all(torch.is_tensor(v) for v in values):
+            try:
+                return build(*(fn(v) for v in values))
+            except TypeError:
+                return constraint
+    return constraint
+
+
+def _direction_angle(raw2: torch.Tensor) -> torch.Tensor:
+    return torch.atan2(raw2[..., 1], raw2[..., 0])
+
+
+class VonMisesFamily(SiteFamily):
+    """``VonMises(loc, concentration)`` on the circle; ``loc`` is the angle of a 2-vector and the
+    concentration is ``exp`` of the third output (capped at ``e^10``). Not reparameterized: use
+    ``TraceGraph_ELBO``."""
+
+    name = "von_mises"
+    has_rsample = False
+    circular = True
+
+    def __init__(self, event_shape: tuple[int, ...] = ()) -> None:
+        super().__init__(event_shape)
+        self._check_angle()
+        self.num_params = 3
+
+    def forward(self, raw: torch.Tensor) -> dist.Distribution:
+        return dist.VonMises(_direction_angle(raw[..., :2]), raw[..., 2].clamp(max=10.0).exp())
+
+    def mean(self, raw: torch.Tensor) -> torch.Tensor:
+        return _direction_angle(raw[..., :2])
+
+
+class ProjectedNormalFamily(SiteFamily):
+    """The angle of a 2-D projected normal (:class:`ProjectedNormalAngle`); the two outputs are its
+    concentration vector (direction = mean angle, length = certainty). Reparameterized."""
+
+    name = "projected_normal"
+    circular = True
+
+    def __init__(self, event_shape: tuple[int, ...] = ()) -> None:
+        super().__init__(event_shape)
+        self._check_angle()
+        self.num_params = 2
+
+    def forward(self, raw: torch.Tensor) -> dist.Distribution:
+        return ProjectedNormalAngle(raw)
+
+    def mean(self, raw: torch.Tensor) -> torch.Tensor:
+        return _direction_angle(raw)
+
+
+class WrappedNormalFamily(SiteFamily):
+    """A Normal wrapped onto the circle (:class:`WrappedNormal`). Reparameterized.
+
+    ``angle="direction"`` (default): three outputs, the location is the angle of the first two and the
+    third is the log scale. ``angle="real"``: two outputs ``(loc, log_scale)`` laid out exactly as the
+    ``"normal"`` family's, so a trained Normal head can be read as its wrapped density
+    (:func:`wrapped_theta`).
+    """
+
+    name = "wrapped_normal"
+    circular = True
+
+    def __init__(self, event_shape: tuple[int, ...] = (), *, angle: str = "direction") -> None:
+        super().__init__(event_shape)
+        self._check_angle()
+        if angle not in ("direction", "real"):
+            raise ValueError(f"angle must be 'direction' or 'real', got {angle!r}")
+        self.angle = angle
+        self.num_params = 3 if angle == "direction" else 2
+
+    def _loc_scale(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.angle == "direction":
+            return _direction_angle(raw[..., :2]), raw[..., 2].exp()
+        return raw[..., 0], raw[..., 1].exp()
+
+    def forward(self, raw: torch.Tensor) -> dist.Distribution:
+        return WrappedNormal(*self._loc_scale(raw))
+
+    def mean(self, raw: torch.Tensor) -> torch.Tensor:
+        return _wrap(self._loc_scale(raw)[0])
+
+
+FAMILIES: dict[str, type[SiteFamily]] = {
+    family.name: family
+    for family in (
+        NormalFamily,
+        LowRankNormalFamily,
+        FullNormalFamily,
+        ConstrainedNormalFamily,
+        VonMisesFamily,
+        ProjectedNormalFamily,
+        WrappedNormalFamily,
+    )
+}
+
+
+def make_family(
+    family: str | SiteFamily,
+    event_shape: tuple[int, ...],
+    site: str,
+    prior: torch.distributions.Distribution | None = None,
+) -> SiteFamily:
     if isinstance(family, SiteFamily):
         if family.event_shape != tuple(event_shape):
             raise ValueError(
@@ -65,21 +467,35 @@ def make_family(family: str | SiteFamily, event_shape: tuple[int, ...], site: st
             )
         return family
     try:
-        return FAMILIES[family](tuple(event_shape))
+        cls = FAMILIES[family]
     except KeyError:
         raise ValueError(
             f"unknown family '{family}' for site '{site}'; expected one of {sorted(FAMILIES)}"
         ) from None
+    try:
+        return cls.for_prior(tuple(event_shape), prior)
+    except ValueError as error:
+        raise ValueError(f"site '{site}': {error}") from None
+
+
+def _site_prior(model: SpatialVAE, site: str) -> torch.distributions.Distribution | None:
+    module = getattr(model, f"{site}_prior", None)
+    if module is None:
+        return None
+    return module.forward() if isinstance(module, PyroModule) else module()
 
 
 class AmortizedGuide(PyroModule):
     """Amortized variational posterior ``q(z, theta, dx | image)`` for a :class:`SpatialVAE`.
 
-    ``encoder`` maps images ``(B, C, H, W)`` to features ``(B, F)`` (default: the paper's MLP); a linear
-    head per latent site of ``model`` turns features into that site's distribution parameters.
-    ``families`` maps site names to family names (``FAMILIES``) or :class:`SiteFamily` instances;
-    unnamed sites use ``"normal"``. The guide reads the model's configuration but holds none of its
-    parameters.
+    ``encoder`` maps images ``(B, C, H, W)`` to features ``(B, F)`` (default: the paper's MLP; see
+    :class:`~pyro_svae.encoders.CNNEncoder`); a linear head per latent site of ``model`` turns features
+    into that site's distribution parameters. ``families`` maps site names to family names
+    (:data:`FAMILIES`) or :class:`SiteFamily` instances. Unnamed sites use ``"normal"``, or
+    ``"constrained_normal"`` where the model's prior has a bounded support (a family on the real line
+    is refused there). A circular prior on ``theta`` with a real-line family gives a
+    :class:`CircularSupportWarning` (see the module docstring). The guide reads the model's
+    configuration but holds none of its parameters.
     """
 
     def __init__(
@@ -94,6 +510,11 @@ class AmortizedGuide(PyroModule):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name or unique_name("guide"))
+        if getattr(model, "rotation_bins", None) is not None:
+            raise ValueError(
+                "this model has a discrete rotation site 'theta_bin' (rotation_bins); use "
+                "pyro_svae.pose_search.PoseSearchGuide for it"
+            )
         families = dict(families or {})
         unknown = set(families) - set(model.latent_sites)
         if unknown:
@@ -103,8 +524,30 @@ class AmortizedGuide(PyroModule):
             )
         self.image_shape = model.image_shape
         self.site_shapes = dict(model.latent_sites)
+        resolved: dict[str, SiteFamily] = {}
+        for site, shape in self.site_shapes.items():
+            prior = _site_prior(model, site)
+            bounded = prior is not None and not _is_real(prior.support)
+            choice = families.get(site, "constrained_normal" if bounded else "normal")
+            family = make_family(choice, shape, site, prior)
+            if bounded and _is_real(family.support):
+                raise ValueError(
+                    f"the prior of site '{site}' has support {prior.support}, but the "
+                    f"'{family.name}' guide family puts mass on the whole real line (its samples would "
+                    f"fall outside the prior's support); use 'constrained_normal' (the default there)"
+                )
+            if prior is not None and is_circular(prior) and not family.circular:
+                warnings.warn(
+                    f"the prior of '{site}' is circular ({type(prior).__name__}) but the guide family "
+                    f"'{family.name}' lives on the real line: the ELBO is the circular one only while "
+                    f"q({site}) is narrow (std << pi) and is not a bound otherwise; use a circular "
+                    f"family ('projected_normal', 'wrapped_normal' or 'von_mises') for the exact ELBO",
+                    CircularSupportWarning,
+                    stacklevel=2,
+                )
+            resolved[site] = family
         self.config = {
-            "families": {s: f if isinstance(f, str) else type(f).__name__ for s, f in families.items()},
+            "families": {site: family.name for site, family in resolved.items()},
             "hidden_dim": hidden_dim,
             "num_layers": num_layers,
             "activation": activation,
@@ -119,12 +562,7 @@ class AmortizedGuide(PyroModule):
             )
         self.encoder = encoder
         features = getattr(encoder, "out_features", hidden_dim)
-        self.families = nn.ModuleDict(
-            {
-                site: make_family(families.get(site, "normal"), shape, site)
-                for site, shape in self.site_shapes.items()
-            }
-        )
+        self.families = nn.ModuleDict(resolved)
         self.heads = nn.ModuleDict(
             {site: nn.Linear(features, fam.num_params) for site, fam in self.families.items()}
         )
@@ -134,6 +572,11 @@ class AmortizedGuide(PyroModule):
     def has_rsample(self) -> bool:
         """Whether every site's family is reparameterizable (else use ``TraceGraph_ELBO``)."""
         return all(family.has_rsample for family in self.families.values())
+
+    def default_loss(self, **kwargs) -> pyro.infer.ELBO:
+        """The matching ELBO: ``Trace_ELBO`` when every family is reparameterized, else
+        ``TraceGraph_ELBO`` (score-function gradients, Rao-Blackwellized over the images plate)."""
+        return Trace_ELBO(**kwargs) if self.has_rsample else TraceGraph_ELBO(**kwargs)
 
     def raw_params(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unconstrained head outputs per site, ``(B, num_params)`` each."""
@@ -174,3 +617,24 @@ class AmortizedGuide(PyroModule):
     def guide(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The Pyro guide callable (the same as calling the module)."""
         return self(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def wrapped_theta(guide: AmortizedGuide) -> Iterator[AmortizedGuide]:
+    """Within the block, a ``"normal"`` ``theta`` head is read as the same Normal *wrapped* onto the
+    circle (same samples modulo 2 pi, circular density): ``evaluate`` then gives a valid ELBO and
+    importance-weighted bound against a circular prior. No parameter changes; other families are left
+    as they are.
+
+        with wrapped_theta(guide):
+            report = evaluate(model, guide, test, num_particles=8)
+    """
+    family = guide.families["theta"] if "theta" in guide.families else None
+    if not isinstance(family, NormalFamily):
+        yield guide
+        return
+    guide.families["theta"] = WrappedNormalFamily((), angle="real")
+    try:
+        yield guide
+    finally:
+        guide.families["theta"] = family

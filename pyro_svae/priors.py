@@ -4,7 +4,30 @@ A prior is any ``torch.nn.Module`` whose ``forward()`` returns a distribution wi
 the site's event shape. :func:`as_prior` turns a plain distribution into such a module
 (:class:`DistributionPrior`), whose tensors then move with ``.to(device)`` like buffers, so a prior passed
 by the user follows the model to CUDA. A prior with learnable parameters is a ``PyroModule`` whose
-``forward`` builds the distribution from ``PyroParam`` attributes.
+``forward`` builds the distribution from ``PyroParam`` attributes (:class:`LearnableVonMises`); SVI then
+trains it with the model.
+
+One short constructor per prior (any other distribution of the right shape works as well)::
+
+    SpatialVAE((28, 28), theta_prior=priors.von_mises_theta(0.0, 2.0), dx_prior=priors.student_t_dx(3, 0.1))
+
+Rotation ``theta`` (event shape ``()``, radians):
+
+* :func:`normal_theta` -- the paper's ``N(0, std)`` on the real line.
+* :func:`von_mises_theta` -- ``VonMises(loc, concentration)``, a density on the circle.
+* :func:`circular_uniform_theta` -- the flat prior ``1 / (2 pi)`` on the circle (:class:`CircularUniform`).
+* :func:`symmetric_theta` -- an equal mixture of ``n`` von Mises at ``loc + 2 pi k / n`` (poses that
+  come in ``n`` orientations, e.g. an object with ``C_n`` symmetry in how it is placed).
+* :class:`LearnableVonMises` -- a von Mises whose concentration (and optionally location) is learned.
+
+Circular priors have a density that is 2 pi-periodic on the real line (their ``support`` is
+``constraints.real``): they are *exact* for a circular guide (values are angles, any representative
+modulo 2 pi) and only approximate for a Normal guide on the real line, whose entropy counts the same
+angle many times (see :func:`is_circular` and :mod:`pyro_svae.guides`).
+
+Translation ``dx`` (event shape ``(2,)``, grid units): :func:`normal_dx` (the paper), :func:`laplace_dx`,
+:func:`student_t_dx` (heavy tails) and :func:`uniform_box_dx` (flat inside a box; the guide then uses a
+family whose support is the box).
 """
 
 from __future__ import annotations
@@ -15,14 +38,25 @@ from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam
 from torch import nn
 
 __all__ = [
+    "CircularUniform",
     "DistributionPrior",
+    "LearnableVonMises",
     "as_prior",
-    "standard_normal_z",
-    "normal_theta",
+    "circular_uniform_theta",
+    "is_circular",
+    "laplace_dx",
     "normal_dx",
+    "normal_theta",
+    "standard_normal_z",
+    "student_t_dx",
+    "symmetric_theta",
+    "uniform_box_dx",
+    "von_mises_theta",
 ]
 
 
@@ -91,7 +125,10 @@ def as_prior(
             f"prior for site '{site}' must be a torch/Pyro distribution or an nn.Module returning one, "
             f"got {type(prior).__name__}"
         )
-    distribution = module()
+    # Checking the shape must not register a learnable prior's parameters in the global param store
+    # under a provisional name (the model renames the module when it adopts it): outside ``__call__``
+    # a PyroModule reads its parameters locally.
+    distribution = module.forward() if isinstance(module, PyroModule) else module()
     if not isinstance(distribution, torch.distributions.Distribution):
         raise TypeError(f"prior module for site '{site}' returned {type(distribution).__name__}")
     if tuple(distribution.batch_shape) != () or tuple(distribution.event_shape) != tuple(event_shape):
@@ -123,3 +160,166 @@ def normal_dx(std: float = 0.1) -> dist.Distribution:
     if not std > 0:
         raise ValueError(f"dx prior std must be positive, got {std}")
     return dist.Normal(torch.zeros(2), torch.full((2,), float(std))).to_event(1)
+
+
+def _positive(value: float, what: str) -> float:
+    value = float(value)
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{what} must be a positive finite number, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotation priors on the circle
+# --------------------------------------------------------------------------------------------------
+class CircularUniform(dist.TorchDistribution):
+    """The uniform distribution of an angle: density ``1 / (2 pi)`` for every real value.
+
+    Angles are identified modulo ``2 pi`` (the model's rotation is ``2 pi``-periodic), so the density
+    is constant on the whole real line (``support = constraints.real``) and samples are drawn in
+    ``[loc - pi, loc + pi)``. This is the exact flat prior for a *circular* guide (von Mises, projected
+    or wrapped normal). It is not a proper density on the real line: against a Normal guide on the
+    real line the ELBO is unbounded above (a wider Normal always gains entropy), which is why
+    :class:`~pyro_svae.guides.AmortizedGuide` warns about that pairing. ``VonMises(0, 0)`` would be the
+    same density but has no well-defined sampler and NaN gradients at zero concentration;
+    ``Uniform(-pi, pi)`` works too but has a bounded support, which a Normal guide would step outside.
+    """
+
+    arg_constraints = {"loc": constraints.real}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor | float = 0.0, validate_args: bool | None = None) -> None:
+        self.loc = torch.as_tensor(loc, dtype=torch.get_default_dtype()) if not torch.is_tensor(loc) else loc
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(CircularUniform, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape)
+        super(CircularUniform, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def rsample(self, sample_shape=()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + (2.0 * u - 1.0) * math.pi
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return torch.zeros_like(value + self.loc) - math.log(2 * math.pi)
+
+    def entropy(self) -> torch.Tensor:
+        return torch.full_like(self.loc, math.log(2 * math.pi))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """No circular mean exists; ``loc`` (the centre of the sampling window) stands in for it."""
+        return self.loc
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return torch.full_like(self.loc, math.pi**2 / 3)
+
+
+def von_mises_theta(loc: float = 0.0, concentration: float = 2.0) -> dist.Distribution:
+    """``theta ~ VonMises(loc, concentration)``: a density on the circle, ``1 / concentration`` being
+    roughly the variance for large concentration (``concentration = 1 / std**2``)."""
+    _positive(concentration, "von Mises concentration")
+    return dist.VonMises(torch.tensor(float(loc)), torch.tensor(float(concentration)))
+
+
+def circular_uniform_theta() -> dist.Distribution:
+    """The flat prior on the circle (:class:`CircularUniform`): every in-plane rotation equally likely."""
+    return CircularUniform(torch.tensor(0.0))
+
+
+def symmetric_theta(n: int, concentration: float = 4.0, loc: float = 0.0) -> dist.Distribution:
+    """An equal mixture of ``n`` von Mises at ``loc + 2 pi k / n``, ``k = 0 .. n-1``.
+
+    For poses that come in ``n`` orientations related by ``C_n``: e.g. ``n = 2`` when objects appear
+    upright or upside down. It is invariant under a turn by ``2 pi / n``. With ``concentration -> 0`` it
+    tends to the circular-uniform prior.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the symmetry order n must be an integer >= 1, got {n!r}")
+    _positive(concentration, "von Mises concentration")
+    locs = float(loc) + 2 * math.pi * torch.arange(n, dtype=torch.get_default_dtype()) / n
+    locs = torch.remainder(locs + math.pi, 2 * math.pi) - math.pi
+    return dist.MixtureSameFamily(
+        dist.Categorical(torch.full((n,), 1.0 / n)),
+        dist.VonMises(locs, torch.full((n,), float(concentration))),
+    )
+
+
+class LearnableVonMises(PyroModule):
+    """A von Mises prior on ``theta`` whose concentration is a learned parameter (``PyroParam``, kept
+    positive), and optionally its location: an empirical-Bayes prior fitted by the same SVI run.
+
+    Pass it as ``SpatialVAE(..., theta_prior=LearnableVonMises(concentration=1.0))``; after training,
+    ``model.theta_prior.concentration`` is the fitted value. ``learn_loc=False`` keeps ``loc`` fixed (a
+    buffer), which pins the canonical orientation of the learned content.
+    """
+
+    def __init__(self, loc: float = 0.0, concentration: float = 1.0, *, learn_loc: bool = False) -> None:
+        super().__init__()
+        _positive(concentration, "initial von Mises concentration")
+        self.concentration = PyroParam(torch.tensor(float(concentration)), constraint=constraints.positive)
+        if learn_loc:
+            self.loc = PyroParam(torch.tensor(float(loc)))
+        else:
+            self.register_buffer("loc", torch.tensor(float(loc)))
+
+    def forward(self) -> dist.Distribution:
+        return dist.VonMises(self.loc, self.concentration)
+
+
+def is_circular(distribution: torch.distributions.Distribution) -> bool:
+    """Whether a (``theta``) distribution is a density on the circle: 2 pi-periodic on the real line.
+
+    True for von Mises, :class:`CircularUniform`, a mixture of those, and the circular guide families
+    of :mod:`pyro_svae.guides` (which set ``circular = True``); also for ``Uniform(-pi, pi)``.
+    """
+    if getattr(distribution, "circular", False):
+        return True
+    if isinstance(distribution, torch.distributions.Independent):
+        return is_circular(distribution.base_dist)
+    if isinstance(distribution, dist.VonMises | torch.distributions.VonMises | CircularUniform):
+        return True
+    if isinstance(distribution, torch.distributions.MixtureSameFamily):
+        return is_circular(distribution.component_distribution)
+    if isinstance(distribution, torch.distributions.Uniform):
+        width = (distribution.high - distribution.low).detach()
+        return bool(torch.allclose(width, torch.full_like(width, 2 * math.pi)))
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Translation priors
+# --------------------------------------------------------------------------------------------------
+def laplace_dx(scale: float = 0.1) -> dist.Distribution:
+    """``dx ~ Laplace(0, scale)`` per component (grid units): sharper peak, heavier tails than Normal."""
+    _positive(scale, "dx prior scale")
+    return dist.Laplace(torch.zeros(2), torch.full((2,), float(scale))).to_event(1)
+
+
+def student_t_dx(df: float = 3.0, scale: float = 0.1) -> dist.Distribution:
+    """``dx ~ StudentT(df, 0, scale)`` per component: heavy tails for a few far-off-centre objects."""
+    _positive(df, "Student-t degrees of freedom")
+    _positive(scale, "dx prior scale")
+    return dist.StudentT(
+        torch.full((2,), float(df)), torch.zeros(2), torch.full((2,), float(scale))
+    ).to_event(1)
+
+
+def uniform_box_dx(half_width: float = 0.2) -> dist.Distribution:
+    """``dx`` uniform in the box ``[-half_width, half_width]^2`` (grid units).
+
+    Its support is bounded: :class:`~pyro_svae.guides.AmortizedGuide` then picks the
+    ``"constrained_normal"`` family for ``dx`` (a Normal pushed through a sigmoid onto the box).
+    """
+    _positive(half_width, "dx box half-width")
+    a = float(half_width)
+    return dist.Uniform(torch.full((2,), -a), torch.full((2,), a)).to_event(1)

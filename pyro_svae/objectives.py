@@ -1,0 +1,104 @@
+"""Training objectives beyond Pyro's stock ELBOs: the importance-weighted bound under mini-batching.
+
+``pyro.infer.RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True)`` is the IWAE bound of
+Burda et al. when the whole data set is in the batch. With a subsampled plate (``fit`` passes
+``data_size=N`` for a batch of ``B`` images) Pyro scales every log-density by ``N / B`` *before* the
+log-sum-exp over particles, so it optimizes ``sum_i log mean_k w_ik^(N/B)``, a tempered bound that tends
+to the best particle's weight instead of ``(N / B) sum_i log mean_k w_ik``. :class:`IWAE_ELBO` is the
+same estimator with the scale applied outside the log-sum-exp: an unbiased mini-batch estimate of the
+data set's importance-weighted bound (and of its gradient), which reduces to ``RenyiELBO(alpha=0)``
+when ``data_size`` is not given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.infer import RenyiELBO
+from pyro.infer.util import is_identically_zero
+from pyro.poutine.util import site_is_subsample
+from pyro.util import warn_if_nan
+
+__all__ = ["IWAE_ELBO"]
+
+
+class IWAE_ELBO(RenyiELBO):  # noqa: N801 - Pyro's naming (Trace_ELBO, TraceMeanField_ELBO)
+    """The importance-weighted bound with ``num_particles = K``, per image, correct under subsampling.
+
+    ``loss = -(N / B) sum_i [logsumexp_k log w_ik - log K]`` with ``log w_ik = log p(x_i, h_ik) -
+    log q(h_ik | x_i)`` for a batch of ``B`` out of ``N`` images. Every sample site must be inside the
+    same (possibly subsampled) plates, as in :class:`~pyro_svae.model.SpatialVAE`; further per-site
+    scales (KL annealing's ``beta``) are kept inside the weight. Guide sites must be reparameterized
+    (``TraceGraph``-style score-function terms are not supported by importance weighting here).
+    Particles are always vectorized (a plate at ``-max_plate_nesting - 1``).
+    """
+
+    def __init__(self, num_particles: int = 8, max_plate_nesting: float = float("inf")) -> None:
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+        super().__init__(
+            alpha=0.0,
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=True,
+        )
+
+    def _log_weights(self, model, guide, args, kwargs, *, differentiable: bool):
+        """``(log_w (K, B), scale)``: unscaled per-image log weights and the plates' subsample scale."""
+        model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
+        log_w = 0.0
+        plate_scale = None
+        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or site_is_subsample(site):
+                    continue
+                frames = [f for f in site["cond_indep_stack"] if f.name != "num_particles_vectorized"]
+                if not frames:
+                    raise ValueError(
+                        f"IWAE_ELBO weighs each image separately: site '{name}' lies outside every plate"
+                    )
+                scale = 1.0
+                for frame in frames:
+                    if frame.full_size is not None and frame.size:
+                        scale *= frame.full_size / frame.size
+                if plate_scale is None:
+                    plate_scale = scale
+                elif not math.isclose(scale, plate_scale):
+                    raise ValueError("IWAE_ELBO needs every sample site in the same subsampled plates")
+                if sign < 0:
+                    score_function = site["score_parts"].score_function
+                    if not is_identically_zero(score_function):
+                        raise NotImplementedError(
+                            f"guide site '{name}' is not reparameterized ({type(site['fn']).__name__}); "
+                            "IWAE_ELBO needs a guide with rsample (e.g. 'projected_normal' for theta)"
+                        )
+                log_prob = site["log_prob"] / scale  # keep per-site factors such as KL annealing's beta
+                if not differentiable:
+                    log_prob = log_prob.detach()
+                log_w = log_w + sign * log_prob
+        if self.num_particles == 1:
+            log_w = log_w.unsqueeze(0)
+        return log_w.reshape(self.num_particles, -1), plate_scale or 1.0
+
+    def _bound(self, log_w: torch.Tensor, scale: float) -> torch.Tensor:
+        return scale * (torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)).sum()
+
+    @torch.no_grad()
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        log_w, scale = self._log_weights(model, guide, args, kwargs, differentiable=False)
+        loss = -float(self._bound(log_w, scale))
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        log_w, scale = self._log_weights(model, guide, args, kwargs, differentiable=True)
+        return -self._bound(log_w, scale)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:  # SVI collects the parameters from its own param-only trace
+            loss.backward()
+        value = float(loss.detach())
+        warn_if_nan(value, "loss")
+        return value
