@@ -1,0 +1,527 @@
+"""Train spatial-VAE (or the vanilla-VAE baseline) and write a run folder.
+
+With no options: the built-in rotated MNIST, a CPU-sized network (2 x 128 tanh), z_dim 2, rotation and
+translation inference, a few minutes on a 2-core CPU. ``--resume RUN`` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from .. import runs
+from ..checkpoint import load_checkpoint
+from ..decoders import ACTIVATIONS
+from ..guides import AmortizedGuide
+from ..infer import History, fit, resolve_device
+from ..likelihoods import LIKELIHOODS
+from ..model import SpatialVAE
+from ._common import (
+    InterruptGuard,
+    UsageError,
+    add_device_arg,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+
+__all__ = ["add_args", "main", "DEFAULTS"]
+
+DEFAULTS: dict[str, Any] = {
+    "data": "rotated_mnist",
+    "z_dim": 2,
+    "hidden_dim": 128,
+    "num_layers": 2,
+    "activation": "tanh",
+    "theta_prior": math.pi / 4,
+    "dx_prior": 0.1,
+    "likelihood": "bernoulli",
+    "learning_rate": 1e-3,
+    "batch_size": 100,
+    "epochs": 20,
+    "device": "auto",
+    "seed": 0,
+    "eval_particles": 16,
+    "posterior_draws": 100,
+    "runs_dir": "runs",
+}
+
+# Options a resumed run may change; every other setting comes from the run's config.json.
+RESUMABLE = ("epochs", "device", "no_progress", "resume")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Options mirror the original spatial-VAE scripts (aliases in brackets)."""
+    d = DEFAULTS
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        metavar="NAME|FILE",
+        help="a built-in data set (rotated_mnist, rotated_translated_mnist, uniform_rotated_mnist) "
+        f"or an image file: .npy (N, H, W) / (N, C, H, W), or MNIST IDX (default: {d['data']})",
+    )
+    data.add_argument("--labels", metavar="FILE", help="class labels of --data (.npy or IDX), optional")
+    data.add_argument(
+        "--test-data", metavar="FILE", help="test images (default: hold out --test-size of --data)"
+    )
+    data.add_argument("--test-labels", metavar="FILE", help="class labels of --test-data")
+    data.add_argument(
+        "--test-size",
+        type=positive_float,
+        metavar="N",
+        help="images held out for testing: a count, or a fraction when below 1 (default: 10%% of a "
+        "file; 1000 for a built-in data set)",
+    )
+    data.add_argument(
+        "--train-size",
+        type=positive_int,
+        metavar="N",
+        help="use only the first N training images (quick trials)",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "-z",
+        "--z-dim",
+        type=positive_int,
+        metavar="N",
+        help=f"dimension of the content z (default: {d['z_dim']})",
+    )
+    model.add_argument(
+        "--hidden-dim",
+        type=positive_int,
+        metavar="N",
+        help=f"hidden units of encoder and decoder layers (default: {d['hidden_dim']})",
+    )
+    model.add_argument(
+        "--num-layers",
+        type=positive_int,
+        metavar="N",
+        help=f"hidden layers of encoder and decoder (default: {d['num_layers']})",
+    )
+    model.add_argument(
+        "--encoder-hidden-dim",
+        "--q-hidden-dim",
+        type=positive_int,
+        metavar="N",
+        help="hidden units of the encoder (default: --hidden-dim)",
+    )
+    model.add_argument(
+        "--encoder-layers",
+        "--q-num-layers",
+        type=positive_int,
+        metavar="N",
+        help="hidden layers of the encoder (default: --num-layers)",
+    )
+    model.add_argument(
+        "--decoder-hidden-dim",
+        "--p-hidden-dim",
+        type=positive_int,
+        metavar="N",
+        help="hidden units of the decoder (default: --hidden-dim)",
+    )
+    model.add_argument(
+        "--decoder-layers",
+        "--p-num-layers",
+        type=positive_int,
+        metavar="N",
+        help="hidden layers of the decoder (default: --num-layers)",
+    )
+    model.add_argument(
+        "-a",
+        "--activation",
+        choices=sorted(ACTIVATIONS),
+        help=f"activation function (default: {d['activation']})",
+    )
+    model.add_argument(
+        "--vanilla",
+        action="store_true",
+        default=None,
+        help="the baseline VAE: a decoder that sees z only, no pose inference",
+    )
+    model.add_argument("--no-rotate", action="store_true", default=None, help="do not infer rotation")
+    model.add_argument("--no-translate", action="store_true", default=None, help="do not infer translation")
+    model.add_argument(
+        "--theta-prior",
+        type=positive_float,
+        metavar="STD",
+        help=f"standard deviation of the rotation prior, radians (default: pi/4 = {d['theta_prior']:.4f})",
+    )
+    model.add_argument(
+        "--dx-prior",
+        "--dx-scale",
+        type=positive_float,
+        metavar="STD",
+        help="standard deviation of the translation prior, grid units (the image spans [-1, 1]) "
+        f"(default: {d['dx_prior']})",
+    )
+    model.add_argument(
+        "--likelihood",
+        choices=sorted(LIKELIHOODS),
+        help=f"pixel observation model (default: {d['likelihood']})",
+    )
+
+    training = parser.add_argument_group("training")
+    training.add_argument(
+        "-l",
+        "--learning-rate",
+        type=positive_float,
+        metavar="LR",
+        help=f"Adam learning rate (default: {d['learning_rate']:g})",
+    )
+    training.add_argument(
+        "--batch-size",
+        "--minibatch-size",
+        type=positive_int,
+        metavar="B",
+        help=f"images per step (default: {d['batch_size']})",
+    )
+    training.add_argument(
+        "--epochs",
+        "--num-epochs",
+        type=non_negative_int,
+        metavar="N",
+        help=f"passes over the training images; with --resume, the new total (default: {d['epochs']})",
+    )
+    add_device_arg(training, default=None)
+    training.add_argument(
+        "--seed", type=non_negative_int, metavar="N", help=f"random seed (default: {d['seed']})"
+    )
+    training.add_argument(
+        "--eval-particles",
+        type=positive_int,
+        metavar="K",
+        help="posterior samples per test image for the final ELBO and importance-weighted bound "
+        f"(default: {d['eval_particles']})",
+    )
+    training.add_argument(
+        "--posterior-draws",
+        type=positive_int,
+        metavar="S",
+        help=f"posterior draws per test image saved in posterior.nc (default: {d['posterior_draws']})",
+    )
+
+    run = parser.add_argument_group("run folder")
+    run.add_argument(
+        "-o",
+        "--out",
+        metavar="DIR",
+        help=f"run folder (default: a new folder under {d['runs_dir']}/)",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace the run files already in --out"
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue the run in folder RUN from its last checkpoint (its config.json fixes every "
+        "setting but --epochs and --device)",
+    )
+    run.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)"
+    )
+
+
+def _given(args: argparse.Namespace) -> list[str]:
+    """Options given on the command line (those whose value is not the ``None`` placeholder)."""
+    return [key for key, value in vars(args).items() if key in _OPTION_KEYS and value is not None]
+
+
+_OPTION_KEYS = (
+    "data labels test_data test_labels test_size train_size z_dim hidden_dim num_layers "
+    "encoder_hidden_dim encoder_layers decoder_hidden_dim decoder_layers activation vanilla no_rotate "
+    "no_translate theta_prior dx_prior likelihood learning_rate batch_size epochs device seed "
+    "eval_particles posterior_draws out overwrite"
+).split()
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _value(args: argparse.Namespace, key: str) -> Any:
+    value = getattr(args, key)
+    return DEFAULTS[key] if value is None else value
+
+
+def _check_contradictions(args: argparse.Namespace) -> None:
+    if args.vanilla:
+        pose = [k for k in ("theta_prior", "dx_prior") if getattr(args, k) is not None]
+        if pose:
+            raise UsageError(
+                f"--vanilla has no pose latents, so {' and '.join(map(_flag, pose))} cannot apply"
+            )
+    if args.no_rotate and args.theta_prior is not None:
+        raise UsageError("--no-rotate turns rotation off, so --theta-prior cannot apply")
+    if args.no_translate and args.dx_prior is not None:
+        raise UsageError("--no-translate turns translation off, so --dx-prior cannot apply")
+
+
+def _build(args: argparse.Namespace, image_shape: tuple[int, ...]) -> tuple[SpatialVAE, AmortizedGuide]:
+    hidden, layers = _value(args, "hidden_dim"), _value(args, "num_layers")
+    vanilla = bool(args.vanilla)
+    model = SpatialVAE(
+        image_shape,
+        _value(args, "z_dim"),
+        rotate=False if vanilla else not args.no_rotate,
+        translate=False if vanilla else not args.no_translate,
+        vanilla=vanilla,
+        theta_prior_std=_value(args, "theta_prior"),
+        dx_prior_std=_value(args, "dx_prior"),
+        likelihood=_value(args, "likelihood"),
+        hidden_dim=args.decoder_hidden_dim or hidden,
+        num_layers=args.decoder_layers or layers,
+        activation=_value(args, "activation"),
+    )
+    guide = AmortizedGuide(
+        model,
+        hidden_dim=args.encoder_hidden_dim or hidden,
+        num_layers=args.encoder_layers or layers,
+        activation=_value(args, "activation"),
+    )
+    return model, guide
+
+
+def _describe(model: SpatialVAE) -> str:
+    if model.vanilla:
+        return f"vanilla VAE (z_dim {model.z_dim})"
+    pose = [name for name, on in (("rotation", model.rotate), ("translation", model.translate)) if on]
+    return f"spatial-VAE (z_dim {model.z_dim}; infers {' and '.join(pose) or 'no pose'})"
+
+
+def _data_label(spec: dict[str, Any]) -> str:
+    if spec.get("builtin"):
+        return str(spec["builtin"])
+    return Path(spec["file"]["path"]).name
+
+
+def _epoch_line(epoch: int, epochs: int, records: dict[str, dict[str, Any]]) -> str:
+    width = len(str(epochs))
+    train = records["train"]
+    parts = [f"epoch {epoch:>{width}}/{epochs}", f"train ELBO {train['elbo']:9.2f}"]
+    test = records.get("test")
+    if test:
+        parts.append(
+            f"test ELBO {test['elbo']:9.2f} (rec {test['reconstruction']:8.2f}, KL {test['kl']:6.2f})"
+        )
+        if "theta_circ_corr" in test:
+            parts.append(f"theta corr {test['theta_circ_corr']:.3f}")
+        if "dx_corr_x" in test:
+            parts.append(f"dx corr {test['dx_corr_x']:.2f}/{test['dx_corr_y']:.2f}")
+    parts.append(f"{train['seconds']:.1f} s")
+    return " | ".join(parts)
+
+
+def _say(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Train a new run, or continue one with ``--resume``; returns the exit status."""
+    if args.resume is not None:
+        return _resume(args)
+    _check_contradictions(args)
+    device = resolve_device(_value(args, "device"))
+    spec = runs.data_spec(
+        _value(args, "data"),
+        labels=args.labels,
+        test_data=args.test_data,
+        test_labels=args.test_labels,
+        test_size=args.test_size,
+        train_size=args.train_size,
+    )
+    train, test = runs.load_data(spec)
+    runs.check_images(train, test, _value(args, "likelihood"))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(_value(args, "seed"))  # the initial weights depend on the seed alone
+    model, guide = _build(args, train.image_shape)
+    training = {
+        key: _value(args, key)
+        for key in ("epochs", "batch_size", "learning_rate", "seed", "eval_particles", "posterior_draws")
+    }
+    config = runs.make_config(model, guide, data=spec, training=training)
+    label = spec.get("builtin") or Path(spec["file"]["path"]).name.split(".")[0]
+    out = args.out or runs.new_run_dir(DEFAULTS["runs_dir"], label)
+    folder = runs.prepare_run_folder(out, overwrite=bool(args.overwrite))
+    runs.write_json(folder.config, config)
+    return _train(args, folder, config, model, guide, train, test, device, previous=[])
+
+
+def _resume(args: argparse.Namespace) -> int:
+    fixed = [key for key in _given(args) if key not in RESUMABLE]
+    if fixed:
+        raise UsageError(
+            f"{', '.join(map(_flag, fixed))} cannot be given with --resume: the run's config.json "
+            "fixes its settings (only --epochs and --device may change)"
+        )
+    folder = runs.open_run_folder(args.resume)
+    config = runs.read_json(folder.config)
+    if not folder.checkpoint.is_file():
+        raise runs.RunError(
+            f"{folder.root} has no checkpoint.pt to resume from (no epoch finished); start it again "
+            f"with: pyro-svae train --out {folder.root} --overwrite"
+        )
+    device = resolve_device(_value(args, "device"))
+    state = load_checkpoint(folder.checkpoint)
+    runs.check_checkpoint_config(state, config, folder.checkpoint)
+    done = int(state["epoch"])
+    training = config.setdefault("training", {})
+    epochs = args.epochs if args.epochs is not None else int(training.get("epochs", done))
+    if epochs < done:
+        raise UsageError(f"--epochs {epochs} is fewer than the {done} epochs the run has finished")
+    train, test = runs.load_data(config.get("data", {}))
+    runs.check_images(train, test, config["model"].get("likelihood", "bernoulli"))
+    pyro.clear_param_store()
+    model, guide = runs.build_model(config)
+    if epochs != training.get("epochs"):
+        training["epochs"] = epochs
+        runs.write_json(folder.config, config)
+    return _train(args, folder, config, model, guide, train, test, device, previous=list(state["history"]))
+
+
+def _train(
+    args: argparse.Namespace,
+    folder: runs.RunFolder,
+    config: dict[str, Any],
+    model: SpatialVAE,
+    guide: AmortizedGuide,
+    train,
+    test,
+    device: torch.device,
+    *,
+    previous: list[dict[str, Any]],
+) -> int:
+    training = config["training"]
+    epochs = int(training["epochs"])
+    started = time.perf_counter()
+    resume = bool(previous)
+    done = max((int(r["epoch"]) for r in previous), default=0)
+    _say(
+        f"pyro-svae train: {_describe(model)} on {_data_label(config['data'])}: {len(train)} training / "
+        f"{len(test)} test images of {'x'.join(map(str, train.image_shape))} on {device}",
+        f"run folder: {folder.root}" + (f" (resuming after epoch {done})" if resume else ""),
+    )
+    records = list(previous)
+
+    def on_epoch(epoch: int, epoch_records: dict[str, dict[str, Any]]) -> None:
+        records.extend(epoch_records.values())
+        runs.write_metrics(folder.metrics, records)
+        _say(_epoch_line(epoch, epochs, epoch_records))
+
+    guard = InterruptGuard()
+    try:
+        with guard:
+            history = fit(
+                model,
+                guide,
+                train,
+                test=test,
+                epochs=epochs,
+                batch_size=int(training["batch_size"]),
+                learning_rate=float(training["learning_rate"]),
+                device=device,
+                seed=int(training["seed"]),
+                progress=not args.no_progress and sys.stderr.isatty(),
+                callbacks=[on_epoch],
+                checkpoint=folder.checkpoint,
+                resume=resume,
+                extra_state={"run_config": runs.model_config(model, guide)},
+            )
+            runs.write_metrics(folder.metrics, history.records)
+            _finish(folder, config, model, guide, train, test, device, history, started)
+    except KeyboardInterrupt:
+        return _interrupted(folder, guard.exit_code)
+    return 0
+
+
+def _finish(
+    folder: runs.RunFolder,
+    config: dict[str, Any],
+    model: SpatialVAE,
+    guide: AmortizedGuide,
+    train,
+    test,
+    device: torch.device,
+    history: History,
+    started: float,
+) -> None:
+    """Final evaluation, posterior draws, figures and ``summary.json``."""
+    training = config["training"]
+    _say(f"final evaluation: {training['eval_particles']} posterior samples per test image ...")
+    pyro.set_rng_seed(int(training["seed"]))
+    report, means = runs.final_report(
+        model,
+        guide,
+        test,
+        train=train,
+        num_particles=int(training["eval_particles"]),
+        seed=int(training["seed"]),
+    )
+    samples = runs.sample_posterior(guide, test, draws=int(training["posterior_draws"]))
+    posterior = runs.posterior_inference_data(samples, test, attrs={"run": str(folder.root)})
+    runs.write_posterior(folder.posterior, posterior)
+    figures = runs.write_figures(
+        folder.figures, model=model, test=test, means=means, records=history.records, report=report
+    )
+    drop_seconds = lambda record: {k: v for k, v in record.items() if k != "seconds"}  # noqa: E731
+    summary = {
+        "test": report,
+        "last_epoch": {split: drop_seconds(history.last(split)) for split in ("train", "test")},
+        "epochs": len(history),
+        "num_train": len(train),
+        "num_test": len(test),
+        "image_shape": list(train.image_shape),
+        "training_seconds": sum(float(r.get("seconds", 0.0)) for r in history.split("train")),
+        "wall_seconds": time.perf_counter() - started,
+        **runs.environment(device),
+        "figures": [str(path.relative_to(folder.root)) for path in figures],
+    }
+    runs.write_json(folder.summary, summary)
+    line = f"test ELBO {report['elbo']:.2f}, importance-weighted bound (K={report['num_particles']}) "
+    line += f"{report['iw_elbo']:.2f} nats per image"
+    extras = [
+        f"{label} {report[key]:.3f}"
+        for key, label in (
+            ("theta_circ_corr", "theta circular corr"),
+            ("dx_corr_x", "dx corr x"),
+            ("dx_corr_y", "dx corr y"),
+            ("knn_accuracy", "kNN accuracy"),
+            ("clustering_accuracy", "clustering accuracy"),
+        )
+        if key in report
+    ]
+    _say(
+        line,
+        *([", ".join(extras)] if extras else []),
+        f"done in {summary['wall_seconds']:.0f} s; results in {folder.root}/ "
+        "(summary.json, metrics.csv, figures/, posterior.nc, checkpoint.pt)",
+    )
+
+
+def _interrupted(folder: runs.RunFolder, exit_code: int) -> int:
+    """After Ctrl-C / SIGTERM: make metrics.csv agree with the last checkpoint and say how to resume."""
+    if folder.checkpoint.is_file():
+        state = load_checkpoint(folder.checkpoint)
+        runs.write_metrics(folder.metrics, state["history"])
+        print(
+            f"pyro-svae train: interrupted; {folder.checkpoint} holds epoch {state['epoch']}. "
+            f"Continue with: pyro-svae train --resume {folder.root}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        print(
+            "pyro-svae train: interrupted before the first epoch finished; nothing to resume. "
+            f"Start again with: pyro-svae train --out {folder.root} --overwrite",
+            file=sys.stderr,
+            flush=True,
+        )
+    return exit_code

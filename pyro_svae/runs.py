@@ -1,0 +1,688 @@
+"""Run folders: what a training run leaves behind, and how a saved run is rebuilt.
+
+Layout of a run folder (see the README)::
+
+    RUN/
+      config.json      everything needed to rebuild the model, the guide and the data
+      metrics.csv      one row per epoch and split: ELBO, reconstruction, KL (nats per image), pose metrics
+      checkpoint.pt    model, guide, optimizer, RNG and history (atomic, loaded with weights_only=True)
+      summary.json     final test ELBO, importance-weighted bound, pose/content metrics, time, versions
+      posterior.nc     ArviZ InferenceData: posterior draws of z, theta, dx per test image
+      figures/         training_curves.png, manifold.png, reconstructions.png, theta.png
+
+Every file is written atomically (temporary file, then rename). This module holds no command-line code:
+it raises :class:`RunError` (a ``ValueError``) with a message for the user and returns data.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _datetime
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_module_state
+from .data import BUILTIN, DataError, ImageDataset, load_images
+from .guides import AmortizedGuide
+from .infer import evaluate, posterior_means, recovery_metrics
+from .model import SpatialVAE
+
+__all__ = [
+    "RunError",
+    "RunFolder",
+    "new_run_dir",
+    "prepare_run_folder",
+    "open_run_folder",
+    "write_json",
+    "read_json",
+    "make_config",
+    "model_config",
+    "build_model",
+    "load_trained",
+    "check_checkpoint_config",
+    "data_spec",
+    "load_data",
+    "check_images",
+    "write_metrics",
+    "read_metrics",
+    "sample_posterior",
+    "posterior_inference_data",
+    "write_posterior",
+    "load_posterior",
+    "final_report",
+    "write_figures",
+    "environment",
+]
+
+CONFIG_VERSION = 1
+METRIC_COLUMNS = ("epoch", "split", "elbo", "reconstruction", "kl")
+NOT_IN_METRICS = ("seconds",)  # timings vary between runs; metrics.csv rows are reproducible
+
+
+class RunError(ValueError):
+    """A run folder that cannot be created, read or rebuilt."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The folder
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths of the files of one run."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def posterior(self) -> Path:
+        return self.root / "posterior.nc"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    def outputs(self) -> list[Path]:
+        """The run's own files and folders that exist now."""
+        paths = [self.config, self.metrics, self.summary, self.checkpoint, self.posterior, self.figures]
+        return [path for path in paths if path.exists()]
+
+
+def new_run_dir(base: str | os.PathLike = "runs", label: str = "run") -> Path:
+    """A folder name under ``base`` that does not exist yet: ``base/YYYYmmdd-HHMMSS-label[-n]``."""
+    stamp = _datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "run"
+    candidate = Path(base) / f"{stamp}-{safe}"
+    index = 1
+    while candidate.exists():
+        index += 1
+        candidate = Path(base) / f"{stamp}-{safe}-{index}"
+    return candidate
+
+
+def prepare_run_folder(root: str | os.PathLike, *, overwrite: bool = False) -> RunFolder:
+    """Create (or, with ``overwrite``, clear the run files of) a folder for a new run.
+
+    Refuses a folder that already holds any run file unless ``overwrite`` is true; with it, only the
+    run's own files are removed (other files in the folder are left alone).
+    """
+    folder = RunFolder(Path(root))
+    if folder.root.exists() and not folder.root.is_dir():
+        raise RunError(f"{folder.root} exists and is not a folder")
+    existing = folder.outputs()
+    if existing and not overwrite:
+        names = ", ".join(path.name for path in existing)
+        raise RunError(
+            f"{folder.root} already holds a run ({names}); pass --overwrite to replace it, "
+            f"or continue it with: pyro-svae train --resume {folder.root}"
+        )
+    for path in existing:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    folder.root.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def open_run_folder(root: str | os.PathLike) -> RunFolder:
+    """An existing run folder (one holding ``config.json``)."""
+    folder = RunFolder(Path(root))
+    if not folder.root.is_dir():
+        raise RunError(f"no run folder at {folder.root}")
+    if not folder.config.is_file():
+        raise RunError(f"{folder.root} is not a run folder: it has no config.json")
+    return folder
+
+
+def prepare_output_folder(root: str | os.PathLike, names: Iterable[str], *, overwrite: bool) -> Path:
+    """A folder for the outputs ``names`` of ``evaluate``/``sample``: refuses to replace existing ones
+    unless ``overwrite``."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"{root} exists and is not a folder")
+    existing = [name for name in names if (root / name).exists()]
+    if existing and not overwrite:
+        raise RunError(f"{root} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON and CSV
+# --------------------------------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, atomically; non-finite floats become ``null``."""
+    text = json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(payload, dict):
+        raise RunError(f"{path}: expected a JSON object")
+    return payload
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def write_metrics(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> None:
+    """Write per-epoch records (``History.records``) as CSV, atomically.
+
+    Columns: ``epoch, split, elbo, reconstruction, kl`` then any pose metrics in order of appearance;
+    per-epoch timings are left out so that a resumed run reproduces the rows of an uninterrupted one.
+    """
+    columns = list(METRIC_COLUMNS)
+    for record in records:
+        for key in record:
+            if key not in columns and key not in NOT_IN_METRICS:
+                columns.append(key)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow([_format_value(record.get(column)) for column in columns])
+    text = buffer.getvalue()
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.csv``: ``epoch`` as int, ``split`` as str, other values float or None."""
+    rows = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            parsed: dict[str, Any] = {}
+            for key, value in row.items():
+                if key == "epoch":
+                    parsed[key] = int(value)
+                elif key == "split":
+                    parsed[key] = value
+                else:
+                    parsed[key] = float(value) if value != "" else None
+            rows.append(parsed)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_entry(path: str | os.PathLike | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if not resolved.is_file():
+        raise DataError(f"{path}: is not a file")
+    try:
+        digest = _sha256(resolved)
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
+    return {"path": str(resolved), "sha256": digest}
+
+
+def data_spec(
+    data: str,
+    *,
+    labels: str | None = None,
+    test_data: str | None = None,
+    test_labels: str | None = None,
+    test_size: float | None = None,
+    train_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A JSON-able description of the data of a run, from which :func:`load_data` rebuilds it.
+
+    ``data``: a built-in name (``pyro_svae.data.BUILTIN``) or an image file (``.npy``, MNIST IDX).
+    Files are recorded by absolute path and SHA-256. Without ``test_data``, ``test_size`` images of
+    ``data`` (a count, or a fraction when below 1; default 10 %, or 1,000 for built-ins) are held out by
+    a seeded random split. ``train_size`` keeps only the first images of the training split.
+    """
+    if test_size is not None and not test_size > 0:
+        raise ValueError(f"--test-size must be positive (a count, or a fraction below 1), got {test_size}")
+    if train_size is not None and train_size < 1:
+        raise ValueError(f"--train-size must be a positive count, got {train_size}")
+    spec: dict[str, Any] = {"train_size": train_size, "seed": seed}
+    if data in BUILTIN:
+        if labels or test_data or test_labels:
+            raise ValueError(
+                f"'{data}' is a built-in data set with its own labels and test split; "
+                "--labels, --test-data and --test-labels apply to files only"
+            )
+        if test_size is not None and test_size != int(test_size):
+            raise ValueError("--test-size of a built-in data set must be a count of images")
+        spec.update(builtin=data, test_size=None if test_size is None else int(test_size))
+        return spec
+    if test_data is not None and test_size is not None:
+        raise ValueError("give either --test-data or --test-size, not both")
+    if test_labels is not None and test_data is None:
+        raise ValueError("--test-labels needs --test-data")
+    path = Path(data)
+    if not path.exists() and not path.suffix and os.sep not in data:
+        raise DataError(
+            f"'{data}' is neither a built-in data set ({', '.join(sorted(BUILTIN))}) nor an existing file"
+        )
+    spec.update(
+        file=_file_entry(data),
+        labels=_file_entry(labels),
+        test_file=_file_entry(test_data),
+        test_labels=_file_entry(test_labels),
+        test_size=test_size,
+    )
+    return spec
+
+
+def _load_file(entry: Mapping[str, str], labels: Mapping[str, str] | None) -> ImageDataset:
+    path = Path(entry["path"])
+    if path.is_file() and entry.get("sha256") and _sha256(path) != entry["sha256"]:
+        warnings.warn(f"{path} changed since the run was configured (SHA-256 differs)", stacklevel=3)
+    return load_images(path, None if labels is None else labels["path"])
+
+
+def _split_count(n: int, test_size: float | None) -> int:
+    if test_size is None:
+        count = max(1, round(0.1 * n))
+    elif test_size < 1:
+        count = max(1, round(test_size * n))
+    else:
+        count = int(test_size)
+    if n < 2:
+        raise DataError(
+            f"found {n} image: need at least 2 to hold some out for testing (or pass --test-data)"
+        )
+    if count >= n:
+        raise DataError(f"--test-size {test_size} leaves no training images out of {n}")
+    return count
+
+
+def load_data(spec: Mapping[str, Any]) -> tuple[ImageDataset, ImageDataset]:
+    """``(train, test)`` data sets described by :func:`data_spec`."""
+    seed = int(spec.get("seed", 0))
+    if spec.get("builtin"):
+        name = spec["builtin"]
+        if name not in BUILTIN:
+            raise DataError(f"unknown built-in data set '{name}'; expected one of {sorted(BUILTIN)}")
+        kwargs: dict[str, Any] = {"seed": seed}
+        if spec.get("test_size") is not None:
+            kwargs["test_size"] = int(spec["test_size"])
+        train, test = BUILTIN[name](**kwargs)
+    else:
+        full = _load_file(spec["file"], spec.get("labels"))
+        if spec.get("test_file"):
+            train, test = full, _load_file(spec["test_file"], spec.get("test_labels"))
+            train.name, test.name = "train", "test"
+        else:
+            count = _split_count(len(full), spec.get("test_size"))
+            order = np.random.default_rng(seed).permutation(len(full))
+            train, test = full.subset(np.sort(order[count:])), full.subset(np.sort(order[:count]))
+            train.name, test.name = f"{full.name}/train", f"{full.name}/test"
+    train_size = spec.get("train_size")
+    if train_size is not None and train_size < len(train):
+        name = train.name
+        train = train.subset(range(int(train_size)))
+        train.name = name
+    return train, test
+
+
+def check_images(train: ImageDataset, test: ImageDataset | None, likelihood: str) -> None:
+    """The checks the command line makes beyond :class:`ImageDataset`'s: square images, one image shape
+    for both splits, pixel values in ``[0, 1]`` for Bernoulli likelihoods."""
+    _, height, width = train.image_shape
+    if height != width:
+        raise DataError(f"{train.name}: images must be square, found {height}x{width} pixels")
+    if test is not None and test.image_shape != train.image_shape:
+        raise DataError(
+            f"test images are {'x'.join(map(str, test.image_shape))} (C x H x W) but training images "
+            f"are {'x'.join(map(str, train.image_shape))}"
+        )
+    if likelihood in ("bernoulli", "continuous_bernoulli"):
+        for data in (train, test):
+            if data is None:
+                continue
+            low, high = float(data.images.min()), float(data.images.max())
+            if low < 0.0 or high > 1.0:
+                raise DataError(
+                    f"{data.name}: the {likelihood} likelihood needs pixel values in [0, 1], found "
+                    f"[{low:.3g}, {high:.3g}]; rescale the images or use --likelihood gaussian"
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and model
+# --------------------------------------------------------------------------------------------------
+def model_config(model: SpatialVAE, guide: AmortizedGuide) -> dict[str, Any]:
+    """The part of a config that fixes the networks (and so must match a checkpoint)."""
+    return json.loads(json.dumps({"model": model.config, "guide": guide.config}))
+
+
+def make_config(
+    model: SpatialVAE,
+    guide: AmortizedGuide,
+    *,
+    data: Mapping[str, Any],
+    training: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``config.json`` of a run: model, guide, data and training settings."""
+    from . import __version__
+
+    return {
+        "config_version": CONFIG_VERSION,
+        "pyro_svae_version": __version__,
+        **model_config(model, guide),
+        "data": dict(data),
+        "training": dict(training),
+    }
+
+
+def build_model(config: Mapping[str, Any]) -> tuple[SpatialVAE, AmortizedGuide]:
+    """A fresh (untrained) model and guide from a run's config."""
+    try:
+        model_kwargs = dict(config["model"])
+        guide_kwargs = dict(config["guide"])
+    except (KeyError, TypeError):
+        raise RunError("config.json has no 'model' and 'guide' sections") from None
+    encoder = guide_kwargs.pop("encoder", "mlp")
+    if encoder != "mlp":
+        raise RunError(f"config.json names an encoder ({encoder}) that cannot be rebuilt from a config")
+    try:
+        model = SpatialVAE(**model_kwargs)
+        guide = AmortizedGuide(model, **guide_kwargs)
+    except TypeError as error:
+        raise RunError(f"config.json does not describe a model this version can build ({error})") from None
+    return model, guide
+
+
+def check_checkpoint_config(state: Mapping[str, Any], config: Mapping[str, Any], where: Path) -> None:
+    """Raise :class:`CheckpointError` when a checkpoint was written for other networks than ``config``."""
+    saved = state.get("run_config")
+    if saved is None:
+        return
+    wanted = json.loads(json.dumps({"model": config.get("model"), "guide": config.get("guide")}))
+    if saved == wanted:
+        return
+    differences = []
+    for part in ("model", "guide"):
+        a, b = saved.get(part) or {}, wanted.get(part) or {}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                differences.append(f"{part}.{key}: checkpoint {a.get(key)!r}, config {b.get(key)!r}")
+    raise CheckpointError(f"{where} does not match the run's config.json ({'; '.join(differences[:3])})")
+
+
+def load_trained(
+    root: str | os.PathLike, *, device: torch.device | str = "cpu"
+) -> tuple[RunFolder, dict[str, Any], SpatialVAE, AmortizedGuide, dict[str, Any]]:
+    """Rebuild a saved run: ``(folder, config, model, guide, checkpoint_state)``, modules on ``device``
+    in eval mode. Raises :class:`RunError`/:class:`CheckpointError` with the reason when they cannot."""
+    folder = open_run_folder(root)
+    config = read_json(folder.config)
+    if not folder.checkpoint.is_file():
+        raise RunError(f"{folder.root} has no checkpoint.pt (did training finish an epoch?)")
+    state = load_checkpoint(folder.checkpoint, map_location=device)
+    check_checkpoint_config(state, config, folder.checkpoint)
+    model, guide = build_model(config)
+    load_module_state(model, state["model"], "model of config.json")
+    load_module_state(guide, state["guide"], "guide of config.json")
+    model.to(device).eval()
+    guide.to(device).eval()
+    return folder, config, model, guide, state
+
+
+# --------------------------------------------------------------------------------------------------
+# Posterior samples
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_posterior(
+    guide: AmortizedGuide, data: ImageDataset, *, draws: int = 100, batch_size: int = 500
+) -> dict[str, np.ndarray]:
+    """Draws from ``q(site | image)`` for every image: ``{site: (draws, N, *event_shape)}`` on the CPU.
+
+    Uses the global torch RNG (seed it first for reproducible draws).
+    """
+    if draws < 1:
+        raise ValueError(f"the number of posterior draws must be positive, got {draws}")
+    device = next(guide.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {}
+    for index in torch.arange(len(data)).split(batch_size):
+        for site, q in guide.distributions(data.images[index].to(device)).items():
+            out.setdefault(site, []).append(q.sample((draws,)).float().cpu())
+    return {site: torch.cat(values, dim=1).numpy() for site, values in out.items()}
+
+
+def posterior_inference_data(
+    samples: Mapping[str, np.ndarray], data: ImageDataset, *, attrs: Mapping[str, Any] | None = None
+):
+    """An ArviZ ``InferenceData``: group ``posterior`` with ``z`` ``(chain, draw, image, z_dim)``,
+    ``theta`` ``(chain, draw, image)`` and ``dx`` ``(chain, draw, image, xy)``; group ``constant_data``
+    with the known truth (``theta_true``, ``dx_true``, ``label``) of the images."""
+    az = _arviz()
+    posterior = {site: np.asarray(values)[None] for site, values in samples.items()}
+    dims: dict[str, list[str]] = {"z": ["image", "z_dim"], "theta": ["image"], "dx": ["image", "xy"]}
+    coords: dict[str, Any] = {"image": np.arange(len(data)), "xy": ["x", "y"]}
+    if "z" in samples:
+        coords["z_dim"] = np.arange(samples["z"].shape[-1])
+    constant: dict[str, np.ndarray] = {}
+    if data.theta is not None:
+        constant["theta_true"] = data.theta.numpy()
+        dims["theta_true"] = ["image"]
+    if data.dx is not None:
+        constant["dx_true"] = data.dx.numpy()
+        dims["dx_true"] = ["image", "xy"]
+    if data.labels is not None:
+        constant["label"] = data.labels.numpy()
+        dims["label"] = ["image"]
+    info = {
+        "data": data.name,
+        "theta_units": "radians, counter-clockwise",
+        "dx_units": "grid units (the image spans [-1, 1])",
+        **(attrs or {}),
+    }
+    return az.from_dict(
+        posterior=posterior,
+        constant_data=constant or None,
+        coords=coords,
+        dims={k: v for k, v in dims.items() if k in posterior or k in constant},
+        posterior_attrs=_jsonable(info),
+        constant_data_attrs=_jsonable(info) if constant else None,
+    )
+
+
+def write_posterior(path: str | os.PathLike, inference_data) -> None:
+    """Write an ``InferenceData`` as NetCDF (h5netcdf engine), atomically."""
+    atomic_write(path, lambda tmp: inference_data.to_netcdf(tmp, engine="h5netcdf"))
+
+
+def load_posterior(path: str | os.PathLike):
+    """Read a ``posterior.nc`` written by :func:`write_posterior` as an ArviZ ``InferenceData``."""
+    return _arviz().from_netcdf(str(path))
+
+
+def _arviz():
+    with warnings.catch_warnings():  # arviz announces its refactor with a FutureWarning on import
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    return arviz
+
+
+# --------------------------------------------------------------------------------------------------
+# Final report and figures
+# --------------------------------------------------------------------------------------------------
+def final_report(
+    model: SpatialVAE,
+    guide: AmortizedGuide,
+    test: ImageDataset,
+    *,
+    train: ImageDataset | None = None,
+    num_particles: int = 16,
+    batch_size: int = 100,
+    seed: int | None = 0,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Test ELBO and importance-weighted bound (``num_particles`` samples per image), pose recovery and
+    content metrics (k-NN accuracy from training ``z``, KMeans clustering accuracy) where the truth is
+    known. Returns ``(report, posterior means of the test images)``."""
+    result = evaluate(model, guide, test, num_particles=num_particles, batch_size=batch_size, seed=seed)
+    report: dict[str, Any] = {
+        key: result[key] for key in ("elbo", "iw_elbo", "reconstruction", "kl", "num_particles")
+    }
+    report["num_images"] = len(test)
+    means = posterior_means(guide, test)
+    train_means = posterior_means(guide, train) if train is not None and train.labels is not None else None
+    report.update(recovery_metrics(means, test, train_means=train_means, train=train))
+    if test.labels is not None and len(torch.unique(test.labels)) > 1:
+        report["clustering_accuracy"] = M.clustering_accuracy(means["z"], test.labels)
+    return report, means
+
+
+def _save(figure, path: Path) -> Path:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
+    return path
+
+
+@torch.no_grad()
+def write_figures(
+    folder: str | os.PathLike,
+    *,
+    model: SpatialVAE,
+    test: ImageDataset,
+    means: Mapping[str, torch.Tensor],
+    records: Sequence[Mapping[str, Any]] | None = None,
+    report: Mapping[str, Any] | None = None,
+    manifold_steps: int = 10,
+    num_reconstructions: int = 10,
+) -> list[Path]:
+    """Save the run's PNG figures in ``folder``; returns their paths.
+
+    ``training_curves.png`` (when ``records``), ``manifold.png``, ``reconstructions.png`` (inputs
+    spread over ``test``, reconstructions at the inferred pose, content at pose zero) and ``theta.png``
+    (when the model rotates and the test data know their rotations).
+    """
+    from . import plots
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if records:
+        written.append(_save(plots.training_curves_figure(records), folder / "training_curves.png"))
+    steps = manifold_steps
+    images, values = plots.decode_manifold(model, steps)
+    if model.z_dim == 1:
+        images = images[:1]
+    written.append(_save(plots.manifold_figure(images, values), folder / "manifold.png"))
+
+    device = model.grid.device
+    count = min(num_reconstructions, len(test))
+    pick = torch.linspace(0, len(test) - 1, count).round().long()  # spread over the data set
+    inputs = test.images[pick]
+    z = means["z"][pick].to(device)
+    theta = means["theta"][pick].to(device) if "theta" in means else None
+    dx = means["dx"][pick].to(device) if "dx" in means else None
+    was_training = model.training
+    model.eval()
+    try:
+        reconstructions = model.decode(z, theta, dx).cpu()
+        aligned = None
+        if theta is not None or dx is not None:
+            zero_theta = None if theta is None else torch.zeros_like(theta)
+            zero_dx = None if dx is None else torch.zeros_like(dx)
+            aligned = model.decode(z, zero_theta, zero_dx).cpu()
+    finally:
+        model.train(was_training)
+    figure = plots.reconstructions_figure(inputs, reconstructions, aligned)
+    written.append(_save(figure, folder / "reconstructions.png"))
+
+    if "theta" in means and test.theta is not None:
+        correlation = None if report is None else report.get("theta_circ_corr")
+        figure = plots.theta_scatter_figure(means["theta"], test.theta, circular_correlation=correlation)
+        written.append(_save(figure, folder / "theta.png"))
+    return written
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """Versions and hardware of this process, for ``summary.json``."""
+    import pyro
+
+    from . import __version__
+
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "device": str(device),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            "pyro_svae": __version__,
+            "torch": torch.__version__,
+            "pyro": pyro.__version__,
+            "numpy": np.__version__,
+        },
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+    return info

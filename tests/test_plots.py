@@ -1,0 +1,95 @@
+"""Figures: each function takes data and returns a matplotlib Figure that saves as PNG."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from pyro_svae import SpatialVAE, plots
+
+
+def png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=50)
+    return buffer.getvalue()
+
+
+def test_tile_images_lays_images_out_row_major_with_nan_padding():
+    images = np.arange(5, dtype=np.float32)[:, None, None, None] * np.ones((5, 1, 3, 4), np.float32)
+    canvas = plots.tile_images(images, columns=2, pad=1)
+    assert canvas.shape == (3 * 3 + 2, 2 * 4 + 1)
+    assert canvas[0, 0] == 0 and canvas[0, 5] == 1 and canvas[4, 0] == 2 and canvas[8, 0] == 4
+    assert np.isnan(canvas[3, 0])  # padding row
+    assert np.isnan(canvas[8, 5])  # the empty sixth cell
+    colour = plots.tile_images(np.zeros((2, 3, 4, 4)), columns=2)
+    assert colour.shape == (4, 9, 3)
+    with pytest.raises(ValueError, match="expected images"):
+        plots.tile_images(np.zeros((4, 4)), columns=2)
+
+
+def test_latent_grid_spans_the_prior_quantiles_of_the_first_two_dimensions():
+    model = SpatialVAE((8, 8), 4, hidden_dim=8)
+    z, values = plots.latent_grid(model, steps=5)
+    assert z.shape == (5, 5, 4) and values.shape == (5, 2)
+    expected = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(5) + 0.5) / 5)
+    assert torch.allclose(z[0, :, 0], expected, atol=1e-5)  # columns: z[0] increasing
+    assert torch.allclose(z[:, 0, 1], expected.flip(0), atol=1e-5)  # rows: z[1] from high to low
+    assert torch.all(z[..., 2:] == 0)  # the other dimensions at the prior's median
+    assert torch.allclose(z[2, 2, :2], torch.zeros(2), atol=1e-6)  # the centre is the prior's mode
+
+
+def test_decode_manifold_renders_at_zero_pose():
+    model = SpatialVAE((1, 6, 6), 2, hidden_dim=8)
+    images, values = plots.decode_manifold(model, steps=3)
+    assert images.shape == (3, 3, 1, 6, 6) and values.shape == (3, 2)
+    z, _ = plots.latent_grid(model, steps=3)
+    with torch.no_grad():
+        direct = model.decode(z, torch.zeros(3, 3), torch.zeros(3, 3, 2))
+    assert torch.allclose(images, direct)
+    vanilla = SpatialVAE((6, 6), 1, vanilla=True, hidden_dim=8)
+    images, _ = plots.decode_manifold(vanilla, steps=4)
+    assert images.shape == (4, 4, 1, 6, 6)
+
+
+def test_training_curves_have_one_line_per_split_and_quantity():
+    records = []
+    for epoch in (1, 2, 3):
+        for split in ("train", "test"):
+            elbo = -100.0 + epoch
+            records.append(
+                {"epoch": epoch, "split": split, "elbo": elbo, "reconstruction": elbo - 5, "kl": 5.0}
+            )
+    figure = plots.training_curves_figure(records)
+    assert len(figure.axes) == 3
+    for ax in figure.axes:
+        assert len(ax.get_lines()) == 2
+    elbo_line = figure.axes[0].get_lines()[0]
+    assert list(elbo_line.get_xdata()) == [1, 2, 3] and elbo_line.get_ydata()[-1] == -97.0
+    assert png_bytes(figure)[:4] == b"\x89PNG"
+
+
+def test_manifold_reconstruction_and_grid_figures_save_as_png():
+    rng = np.random.default_rng(0)
+    manifold = plots.manifold_figure(rng.random((4, 4, 1, 6, 6)), np.zeros((4, 2)))
+    assert png_bytes(manifold)[:4] == b"\x89PNG"
+    inputs, recon = rng.random((7, 1, 6, 6)), rng.random((7, 1, 6, 6))
+    two_rows = plots.reconstructions_figure(inputs, recon)
+    three_rows = plots.reconstructions_figure(inputs, recon, aligned=recon, columns=5)
+    assert len(two_rows.axes) == 2 and len(three_rows.axes) == 3
+    assert three_rows.axes[0].get_images()[0].get_array().shape == (6, 5 * 7 - 1)
+    grid = plots.image_grid_figure(torch.rand(10, 1, 6, 6), columns=4, title="samples")
+    assert png_bytes(grid)[:4] == b"\x89PNG"
+
+
+def test_theta_scatter_wraps_angles_to_degrees():
+    truth = torch.tensor([0.0, math.pi / 2, 3 * math.pi / 2])
+    figure = plots.theta_scatter_figure(truth + 2 * math.pi, truth, circular_correlation=0.99)
+    points = figure.axes[0].collections[0].get_offsets()
+    assert np.allclose(points[:, 0], [0.0, 90.0, -90.0], atol=1e-3)
+    assert np.allclose(points[:, 1], points[:, 0], atol=1e-3)
+    assert "0.990" in figure.axes[0].get_title()
