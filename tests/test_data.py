@@ -150,3 +150,11 @@ def test_subset_keeps_ground_truth():
     data = ImageDataset(np.zeros((4, 3, 3)), theta=np.arange(4.0), labels=np.arange(4))
     part = data.subset([3, 1])
     assert part.theta.tolist() == [3.0, 1.0] and part.labels.tolist() == [3, 1] and part.dx is None
+
+
+def test_builtin_names_build_train_and_test_splits():
+    from pyro_svae.data import BUILTIN
+
+    train, test = BUILTIN["uniform_rotated_translated_mnist"](test_size=100)
+    assert float(train.theta.abs().max()) > 3.0 and float(train.dx.abs().max()) > 0
+    assert set(BUILTIN) >= {"rotated_mnist", "rotated_translated_mnist", "uniform_rotated_mnist"}

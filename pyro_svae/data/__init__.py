@@ -8,6 +8,7 @@ BUILTIN = {
     "rotated_mnist": lambda **kw: rotated_mnist(**kw),
     "rotated_translated_mnist": lambda **kw: rotated_translated_mnist(**kw),
     "uniform_rotated_mnist": lambda **kw: rotated_mnist(rotation="uniform", **kw),
+    "uniform_rotated_translated_mnist": lambda **kw: rotated_translated_mnist(rotation="uniform", **kw),
 }
 
 __all__ = [
