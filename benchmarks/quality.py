@@ -84,6 +84,7 @@ CONFIGS = {
     },
 }
 MODELS = ("spatial", "vanilla")
+LOSSES = {"trace": pyro.infer.Trace_ELBO, "meanfield": pyro.infer.TraceMeanField_ELBO}
 
 
 def make_optimizer(args) -> tuple[pyro.optim.PyroOptim, list]:
@@ -121,6 +122,7 @@ def run_one(config: str, kind: str, train, test, args) -> dict:
         epochs=args.epochs,
         batch_size=args.batch_size,
         optimizer=optimizer,
+        loss=LOSSES[args.loss](),
         device="cpu",
         seed=args.seed,
         progress=False,
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lr-final", type=float, default=None, help="decay the rate exponentially per epoch to this"
     )
+    parser.add_argument("--loss", choices=list(LOSSES), default="trace", help="ELBO estimator for training")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--z-dim", type=int, default=2)
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     setup = (
         f"pyro_svae {pyro_svae.__version__}, torch {torch.__version__}, pyro {pyro.__version__}, "
         f"threads {torch.get_num_threads()}; {args.epochs} epochs, batch {args.batch_size}, "
-        f"{schedule}, z_dim {args.z_dim}, {args.hidden}x{args.layers} tanh MLPs, Bernoulli, "
+        f"{schedule}, {args.loss} ELBO, z_dim {args.z_dim}, {args.hidden}x{args.layers} tanh MLPs, "
+        "Bernoulli, "
         f"seed {args.seed}"
     )
     print(setup, flush=True)

@@ -25,7 +25,7 @@ from pyro.nn.module import to_pyro_module_
 from pyro.ops.indexing import Vindex
 from torch import nn
 
-from .coords import bin_centres, pixel_grid, transform_images
+from .coords import bin_centres, pixel_grid, transform_images, wrap_angle
 from .encoders import MLPEncoder
 from .guides import NormalFamily
 from .model import SpatialVAE, unique_name
@@ -60,7 +60,12 @@ class RotationEquivariantEncoder(nn.Module):
         layers: list[nn.Module] = []
         for i in range(num_conv):
             kernel = 5 if i == 0 else 3
-            layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, kernel, padding=kernel // 2)]
+            # the second convolution halves the resolution: the K copies make this encoder K times the cost
+            # of one CNN, and orientation is readable from the coarser maps
+            stride = 2 if i == 1 else 1
+            layers += [
+                nn.Conv2d(in_channels if i == 0 else channels, channels, kernel, stride, padding=kernel // 2)
+            ]
             layers += [nn.ReLU()]
         self.cnn = nn.Sequential(*layers)
         # a coarse spatial layout (not a global mean) keeps the per-copy features orientation-selective
@@ -73,7 +78,8 @@ class RotationEquivariantEncoder(nn.Module):
         self.out_features = 2 * channels
         self.bin_feature_dim = channels
         self.register_buffer("centres", bin_centres(bins), persistent=False)
-        self.register_buffer("grid", pixel_grid(height, width), persistent=False)
+        map_height, map_width = self.cnn(torch.zeros(1, in_channels, height, width)).shape[-2:]
+        self.register_buffer("grid", pixel_grid(map_height, map_width), persistent=False)
 
     def rotated_copies(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, K, C, H, W)``: copy ``k`` is the image turned by ``-centre_k`` (copy 0 is the image)."""
@@ -204,16 +210,21 @@ class PoseSearchGuide(PyroModule):
         return q
 
     def posterior_means(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``z`` and ``dx`` means, ``theta`` as the circular mean of the bin mixture, ``theta_bin`` mode."""
+        """Point summaries per image: ``z`` and ``dx`` means; ``theta``: the angle of the most probable bin
+        (the posterior over bins is often multi-modal, e.g. turned by pi for elongated digits, where a
+        circular mean falls between the modes); ``theta_circular_mean`` of the whole mixture; the
+        ``theta_bin`` mode."""
         raw = self.raw_params(images)
         probs = torch.softmax(raw["bin_logits"], -1)
         angle = self.centres + raw["offset"]
+        best = probs.argmax(-1, keepdim=True)
         cos = (probs * torch.cos(angle)).sum(-1)
         sin = (probs * torch.sin(angle)).sum(-1)
         means = {
             "z": self.z_family.mean(raw["z"]),
-            "theta": torch.atan2(sin, cos),
-            "theta_bin": probs.argmax(-1),
+            "theta": wrap_angle(angle.gather(-1, best).squeeze(-1)),
+            "theta_circular_mean": torch.atan2(sin, cos),
+            "theta_bin": best.squeeze(-1),
         }
         if self.translate:
             means["dx"] = self.dx_family.mean(raw["dx"])
