@@ -73,7 +73,7 @@ class RotationEquivariantEncoder(nn.Module):
             nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * channels, channels), nn.ReLU()
         )
         self.score = nn.Linear(channels, 1)
-        self.heat = nn.Conv2d(channels, 1, 1)
+        self.heat = nn.Conv2d(channels, 1, 1, bias=False)  # a bias would cancel in the softmax
         self.bins = bins
         self.out_features = 2 * channels
         self.bin_feature_dim = channels
