@@ -249,19 +249,46 @@ class SiteFamily(nn.Module):
             )
 
 
+def _prior_scale(
+    prior: torch.distributions.Distribution | None, event_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """The prior's standard deviation per element of the site (``1`` where it has none that is finite)."""
+    unit = torch.ones(event_shape)
+    if prior is None:
+        return unit
+    try:
+        stddev = prior.stddev.detach().to(unit)
+    except (NotImplementedError, AttributeError, RuntimeError):
+        return unit
+    stddev = torch.broadcast_to(stddev, event_shape)
+    return torch.where(torch.isfinite(stddev) & (stddev > 0), stddev, unit)
+
+
 class NormalFamily(SiteFamily):
-    """Diagonal Normal: location and log standard deviation per element (the paper's guide)."""
+    """Diagonal Normal: location and log standard deviation per element (the paper's guide).
+
+    The head works in units of the prior's standard deviation (``unit``): ``loc = unit * raw_loc``,
+    ``scale = unit * exp(raw_log_scale)``, so ``q`` starts as wide as the prior, as in the original code,
+    which sampled ``dx`` as a standard Normal times its prior scale. With a unit prior (``z``) this is the
+    plain parameterization.
+    """
 
     name = "normal"
 
-    def __init__(self, event_shape: tuple[int, ...]) -> None:
+    def __init__(self, event_shape: tuple[int, ...], unit: torch.Tensor | float = 1.0) -> None:
         super().__init__(event_shape)
         self.num_params = 2 * self.event_numel
+        unit = torch.as_tensor(unit, dtype=torch.get_default_dtype())
+        self.register_buffer("unit", torch.broadcast_to(unit, self.event_shape).clone(), persistent=False)
+
+    @classmethod
+    def for_prior(cls, event_shape: tuple[int, ...], prior: torch.distributions.Distribution | None):
+        return cls(event_shape, _prior_scale(prior, tuple(event_shape)))
 
     def forward(self, raw: torch.Tensor) -> dist.Distribution:
         loc, log_scale = raw.chunk(2, dim=-1)
         shape = raw.shape[:-1] + self.event_shape
-        normal = dist.Normal(loc.reshape(shape), log_scale.exp().reshape(shape))
+        normal = dist.Normal(self.unit * loc.reshape(shape), self.unit * log_scale.exp().reshape(shape))
         return normal.to_event(len(self.event_shape))
 
 
@@ -411,26 +438,29 @@ class WrappedNormalFamily(SiteFamily):
     """A Normal wrapped onto the circle (:class:`WrappedNormal`). Reparameterized.
 
     ``angle="direction"`` (default): three outputs, the location is the angle of the first two and the
-    third is the log scale. ``angle="real"``: two outputs ``(loc, log_scale)`` laid out exactly as the
-    ``"normal"`` family's, so a trained Normal head can be read as its wrapped density
-    (:func:`wrapped_theta`).
+    third is the log scale. ``angle="real"``: two outputs ``(loc, log_scale)`` laid out (and scaled by
+    ``unit``) exactly as the ``"normal"`` family's, so a trained Normal head can be read as its wrapped
+    density (:func:`wrapped_theta`).
     """
 
     name = "wrapped_normal"
     circular = True
 
-    def __init__(self, event_shape: tuple[int, ...] = (), *, angle: str = "direction") -> None:
+    def __init__(
+        self, event_shape: tuple[int, ...] = (), *, angle: str = "direction", unit: torch.Tensor | float = 1.0
+    ) -> None:
         super().__init__(event_shape)
         self._check_angle()
         if angle not in ("direction", "real"):
             raise ValueError(f"angle must be 'direction' or 'real', got {angle!r}")
         self.angle = angle
         self.num_params = 3 if angle == "direction" else 2
+        self.register_buffer("unit", torch.as_tensor(unit, dtype=torch.get_default_dtype()), persistent=False)
 
     def _loc_scale(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.angle == "direction":
             return _direction_angle(raw[..., :2]), raw[..., 2].exp()
-        return raw[..., 0], raw[..., 1].exp()
+        return self.unit * raw[..., 0], self.unit * raw[..., 1].exp()
 
     def forward(self, raw: torch.Tensor) -> dist.Distribution:
         return WrappedNormal(*self._loc_scale(raw))
@@ -633,7 +663,7 @@ def wrapped_theta(guide: AmortizedGuide) -> Iterator[AmortizedGuide]:
     if not isinstance(family, NormalFamily):
         yield guide
         return
-    guide.families["theta"] = WrappedNormalFamily((), angle="real")
+    guide.families["theta"] = WrappedNormalFamily((), angle="real", unit=family.unit)
     try:
         yield guide
     finally:

@@ -155,7 +155,7 @@ class PoseSearchGuide(PyroModule):
             self.offset_head = nn.Linear(features, 2 * bins)
         self.translate = "dx" in self.site_shapes
         if self.translate:
-            self.dx_family = NormalFamily((2,))
+            self.dx_family = NormalFamily.for_prior((2,), model.dx_prior())
             self.dx_head = nn.Linear(features, self.dx_family.num_params)
         self.register_buffer("centres", bin_centres(bins), persistent=False)
         to_pyro_module_(self)

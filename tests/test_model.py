@@ -155,12 +155,12 @@ def test_tiny_model_elbo_matches_a_hand_computation():
     with torch.no_grad():
         features = torch.tanh(guide.encoder.net[0](images.flatten(1)))
         log_q = 0.0
+        prior_std = {"z": 1.0, "theta": 0.7, "dx": 0.2}  # the guide's heads work in these units
         for site, value in sampled.items():
-            loc, log_scale = guide.heads[site](features).chunk(2, -1)
+            raw_loc, raw_log_scale = guide.heads[site](features).chunk(2, -1)
+            loc, scale = prior_std[site] * raw_loc, prior_std[site] * raw_log_scale.exp()
             value = value.reshape(loc.shape)
-            log_q += (
-                -0.5 * ((value - loc) / log_scale.exp()) ** 2 - log_scale - 0.5 * math.log(2 * math.pi)
-            ).sum()
+            log_q += (-0.5 * ((value - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)).sum()
         z, theta, dx = sampled["z"], sampled["theta"], sampled["dx"]
 
         def log_normal(x, std):

@@ -46,7 +46,8 @@ def test_nuts_unwraps_theta_around_the_guide_and_checks_its_input():
     guide = AmortizedGuide(model, hidden_dim=8)
     with torch.no_grad():
         guide.heads["theta"].weight.zero_()
-        guide.heads["theta"].bias.copy_(torch.tensor([3.0, -2.0]))  # guide centred near pi
+        unit = float(guide.families["theta"].unit)  # the head works in units of the prior's std
+        guide.heads["theta"].bias.copy_(torch.tensor([3.0 / unit, -2.0]))  # guide centred near pi
     ref = nuts_posterior(model, guide, torch.rand(1, 1, 5, 5), num_samples=20, warmup_steps=20, num_chains=2)
     theta = ref.nuts.posterior["theta"].values
     centre = ref.info["theta_centre"]
