@@ -19,6 +19,22 @@ from pyro_svae.guides import (
 )
 
 
+def _named_parameters(model, guide) -> dict:
+    named = {f"model.{k}": v for k, v in model.named_parameters()}
+    named.update({f"guide.{k}": v for k, v in guide.named_parameters()})
+    return named
+
+
+def _frozen_after_svi(model, guide, images, steps: int = 3) -> list[str]:
+    """Names of the parameters that a few SVI steps leave unchanged."""
+    named = _named_parameters(model, guide)
+    before = {k: v.detach().clone() for k, v in named.items()}
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
+    for _ in range(steps):
+        svi.step(images, data_size=len(images))
+    return [k for k, v in named.items() if torch.equal(v.detach(), before[k])]
+
+
 def test_guide_samples_every_latent_site_with_the_models_shapes():
     model = SpatialVAE((5, 5), 4, hidden_dim=8)
     guide = AmortizedGuide(model, hidden_dim=8)
@@ -68,15 +84,8 @@ def test_every_parameter_of_model_and_guide_moves_under_svi():
     """Catches shared param-store names between model and guide (they would silently stop training)."""
     model = SpatialVAE((6, 6), 2, hidden_dim=8)
     guide = AmortizedGuide(model, hidden_dim=8)
-    images = torch.rand(8, 1, 6, 6)
-    named = {**{f"model.{k}": v for k, v in model.named_parameters()}}
-    named.update({f"guide.{k}": v for k, v in guide.named_parameters()})
-    before = {k: v.detach().clone() for k, v in named.items()}
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
-    for _ in range(3):
-        svi.step(images, data_size=8)
-    frozen = [k for k, v in named.items() if torch.equal(v.detach(), before[k])]
-    assert not frozen, f"parameters that did not move: {frozen}"
+    named = _named_parameters(model, guide)
+    assert not _frozen_after_svi(model, guide, torch.rand(8, 1, 6, 6))
     assert len(pyro.get_param_store()) == len(named)
 
 
@@ -283,15 +292,7 @@ def test_every_parameter_moves_with_circular_full_covariance_and_cnn_guides():
     model = SpatialVAE((8, 8), 2, hidden_dim=8, theta_prior=priors.circular_uniform_theta())
     encoder = CNNEncoder(model.image_shape, channels=(4, 8), hidden_dim=16)
     guide = AmortizedGuide(model, encoder, families={"theta": "projected_normal", "z": "full_normal"})
-    images = torch.rand(8, 1, 8, 8)
-    named = {f"model.{k}": v for k, v in model.named_parameters()}
-    named.update({f"guide.{k}": v for k, v in guide.named_parameters()})
-    before = {k: v.detach().clone() for k, v in named.items()}
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
-    for _ in range(3):
-        svi.step(images, data_size=8)
-    frozen = [k for k, v in named.items() if torch.equal(v.detach(), before[k])]
-    assert not frozen, f"parameters that did not move: {frozen}"
+    assert not _frozen_after_svi(model, guide, torch.rand(8, 1, 8, 8))
 
 
 def test_von_mises_guide_trains_with_tracegraph_through_fit():
