@@ -57,7 +57,7 @@ from torch import nn
 from torch.distributions import biject_to
 
 from .encoders import MLPEncoder
-from .model import SpatialVAE, unique_name
+from .model import SpatialVAE, images_plate, unique_name
 from .priors import is_circular
 
 __all__ = [
@@ -635,11 +635,8 @@ class AmortizedGuide(PyroModule):
             raise ValueError("the guide needs the images it encodes")
         batch = images.shape[0]
         q = self.distributions(images)
-        subsample = None
-        if data_size is not None:
-            subsample = torch.arange(batch, device=images.device)
         values = {}
-        with pyro.plate("images", data_size or batch, subsample=subsample):
+        with images_plate(batch, data_size, images.device):
             for site, q_site in q.items():
                 values[site] = pyro.sample(site, q_site)
         return values

@@ -49,6 +49,14 @@ def _image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     return shape
 
 
+def images_plate(batch: int, data_size: int | None, device: torch.device) -> pyro.plate:
+    """The ``"images"`` plate over a mini-batch of ``batch`` images; with ``data_size`` the batch stands for
+    a data set of that many images and log-densities are scaled by ``data_size / batch``. Model and
+    guides all use it, so their plates agree."""
+    subsample = None if data_size is None else torch.arange(batch, device=device)
+    return pyro.plate("images", data_size or batch, subsample=subsample)
+
+
 class SpatialVAE(PyroModule):
     """spatial-VAE as a Pyro program.
 
@@ -222,10 +230,7 @@ class SpatialVAE(PyroModule):
             batch, obs = num_images, None
         else:
             raise ValueError("pass images to condition on, or num_images to generate")
-        subsample = None
-        if data_size is not None:
-            subsample = torch.arange(batch, device=self.grid.device)
-        with pyro.plate("images", data_size or batch, subsample=subsample):
+        with images_plate(batch, data_size, self.grid.device):
             z = pyro.sample("z", self.z_prior())
             theta = self._sample_theta() if self.rotate else None
             dx = pyro.sample("dx", self.dx_prior()) if self.translate else None

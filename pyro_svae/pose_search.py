@@ -28,7 +28,7 @@ from torch import nn
 from .coords import bin_centres, pixel_grid, transform_images, wrap_angle
 from .encoders import MLPEncoder
 from .guides import NormalFamily
-from .model import SpatialVAE, unique_name
+from .model import SpatialVAE, images_plate, unique_name
 
 __all__ = ["RotationEquivariantEncoder", "PoseSearchGuide"]
 
@@ -240,10 +240,9 @@ class PoseSearchGuide(PyroModule):
         """Sample ``z``, ``theta_bin``, ``theta`` (and ``dx``) for ``images`` ``(B, C, H, W)``."""
         batch = images.shape[0]
         raw = self.raw_params(images)
-        subsample = torch.arange(batch, device=images.device) if data_size is not None else None
         infer = {"enumerate": "parallel"} if self.mode == "enumerate" else {}
         values = {}
-        with pyro.plate("images", data_size or batch, subsample=subsample):
+        with images_plate(batch, data_size, images.device):
             values["z"] = pyro.sample("z", self.z_family(raw["z"]))
             index = pyro.sample("theta_bin", dist.Categorical(logits=raw["bin_logits"]), infer=infer)
             loc = self.centres[index] + Vindex(raw["offset"])[..., index]
