@@ -3,6 +3,19 @@
 from .datasets import DataError, ImageDataset, as_image_tensor
 from .loaders import load_idx, load_images, load_npy, read_idx
 from .mnist import mnist_digits, posed_mnist, rotated_mnist, rotated_translated_mnist
+from .particles import (
+    circular_mask,
+    fourier_crop,
+    load_particles,
+    normalize_particles,
+    pose_to_relion,
+    preprocess_particles,
+    read_stack,
+    read_star,
+    relion_to_pose,
+    write_particles,
+    write_posterior_star,
+)
 
 BUILTIN = {
     "rotated_mnist": lambda **kw: rotated_mnist(**kw),
@@ -24,4 +37,15 @@ __all__ = [
     "posed_mnist",
     "rotated_mnist",
     "rotated_translated_mnist",
+    "read_stack",
+    "read_star",
+    "load_particles",
+    "write_particles",
+    "write_posterior_star",
+    "circular_mask",
+    "normalize_particles",
+    "fourier_crop",
+    "preprocess_particles",
+    "relion_to_pose",
+    "pose_to_relion",
 ]
