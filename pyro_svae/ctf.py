@@ -70,15 +70,17 @@ def ctf_2d(params: CTFParams, height: int, width: int | None = None, *, half: bo
 
 
 def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
-    """Filter real images ``(N, ..., H, W)`` by per-image CTFs ``(N, H, W // 2 + 1)`` (``rfft2`` layout).
+    """Filter real images by per-image CTFs ``(N, H, W // 2 + 1)`` (``rfft2`` layout).
 
-    Computed in float32 whatever the autocast state; returns float32 images of the input's shape.
+    ``images`` ``(N, H, W)``, or ``(..., N, C, H, W)`` where the CTF of image ``n`` applies to all its
+    channels and leading sample dimensions broadcast. Computed in float32 whatever the autocast state;
+    returns float32 images of the input's shape.
     """
     height, width = images.shape[-2:]
     if ctf.shape[-2:] != (height, width // 2 + 1):
         raise ValueError(f"CTF of shape {tuple(ctf.shape)} does not match images of {height}x{width}")
-    extra = images.dim() - 3
-    ctf = ctf.reshape(ctf.shape[0], *([1] * extra), *ctf.shape[-2:])
+    if images.dim() >= 4:
+        ctf = ctf.unsqueeze(-3)
     with torch.autocast(images.device.type, enabled=False):
         spectrum = torch.fft.rfft2(images.float())
         return torch.fft.irfft2(spectrum * ctf, s=(height, width))

@@ -21,6 +21,12 @@ Families (``name``: event shapes, reparameterized?):
 * ``"projected_normal"`` -- the angle of a 2-D ``ProjectedNormal`` vector, ``()``, yes.
 * ``"wrapped_normal"`` -- a Normal wrapped onto ``[-pi, pi)``, ``()``, yes.
 
+**Rotation augmentation** (``AmortizedGuide(..., augment_rotation=True)``, the original code's
+``--augment-rotation``): in training mode the encoder reads a copy of each image turned by a random angle
+``alpha``; the posterior it gives for that copy, ``q(theta', dx' | rotated image)``, is turned back,
+``theta = theta' - alpha`` and ``dx = R(-alpha) dx'`` (both bijections with unit Jacobian), so the
+encoder must learn to read every orientation. In ``eval()`` mode the image is read as it is.
+
 Circular families return angles in ``[-pi, pi)`` and their densities are 2 pi-periodic. Their location is
 the angle of a 2-vector output by the head (never a raw real number), so that images turning once around
 the circle can map continuously to posterior locations turning once around the circle.
@@ -55,7 +61,9 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 from torch.distributions import biject_to
+from torch.distributions.transforms import AffineTransform, Transform
 
+from .coords import transform_images
 from .encoders import MLPEncoder
 from .model import SpatialVAE, images_plate, unique_name
 from .priors import is_circular
@@ -75,6 +83,8 @@ __all__ = [
     "AmortizedGuide",
     "CircularSupportWarning",
     "wrapped_theta",
+    "default_family",
+    "RotateVector",
 ]
 
 _TWO_PI = 2 * math.pi
@@ -82,6 +92,33 @@ _TWO_PI = 2 * math.pi
 
 def _wrap(theta: torch.Tensor) -> torch.Tensor:
     return torch.remainder(theta + math.pi, _TWO_PI) - math.pi
+
+
+class RotateVector(Transform):
+    """Bijection ``v -> R(angle) v`` of 2-vectors ``(..., 2)`` (counter-clockwise by ``angle`` ``(...)``),
+    unit Jacobian."""
+
+    domain = constraints.independent(constraints.real, 1)
+    codomain = constraints.independent(constraints.real, 1)
+    bijective = True
+
+    def __init__(self, angle: torch.Tensor, cache_size: int = 0) -> None:
+        super().__init__(cache_size=cache_size)
+        self.angle = angle
+
+    def _rotate(self, v: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        x, y = v[..., 0], v[..., 1]
+        return torch.stack([cos * x - sin * y, sin * x + cos * y], dim=-1)
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rotate(x, self.angle)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self._rotate(y, -self.angle)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x[..., 0])
 
 
 def _is_real(support: constraints.Constraint) -> bool:
@@ -515,6 +552,14 @@ def _site_prior(model: SpatialVAE, site: str) -> torch.distributions.Distributio
     return module.forward() if isinstance(module, PyroModule) else module()
 
 
+def default_family(model: SpatialVAE, site: str) -> SiteFamily:
+    """The family a guide uses for ``site`` when none is named: ``"normal"``, or ``"constrained_normal"``
+    where the model's prior has a bounded support (e.g. a log-normal ``scale``)."""
+    prior = _site_prior(model, site)
+    bounded = prior is not None and not _is_real(prior.support)
+    return make_family("constrained_normal" if bounded else "normal", model.latent_sites[site], site, prior)
+
+
 class AmortizedGuide(PyroModule):
     """Amortized variational posterior ``q(z, theta, dx | image)`` for a :class:`SpatialVAE`.
 
@@ -537,6 +582,7 @@ class AmortizedGuide(PyroModule):
         hidden_dim: int = 500,
         num_layers: int = 2,
         activation: str = "tanh",
+        augment_rotation: bool = False,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name or unique_name("guide"))
@@ -576,12 +622,22 @@ class AmortizedGuide(PyroModule):
                     stacklevel=2,
                 )
             resolved[site] = family
+        if augment_rotation:
+            if "theta" not in self.site_shapes:
+                raise ValueError("augment_rotation needs a model with a rotation site 'theta'")
+            if "dx" in resolved and not _is_real(resolved["dx"].support):
+                raise ValueError(
+                    "augment_rotation turns dx back by -alpha, which leaves a bounded dx support; "
+                    "use a dx prior on the whole plane"
+                )
+        self.augment_rotation = bool(augment_rotation)
         self.config = {
             "families": {site: family.name for site, family in resolved.items()},
             "hidden_dim": hidden_dim,
             "num_layers": num_layers,
             "activation": activation,
             "encoder": "mlp" if encoder is None else type(encoder).__name__,
+            "augment_rotation": self.augment_rotation,
         }
         if encoder is None:
             encoder = MLPEncoder(
@@ -609,14 +665,28 @@ class AmortizedGuide(PyroModule):
         return Trace_ELBO(**kwargs) if self.has_rsample else TraceGraph_ELBO(**kwargs)
 
     def raw_params(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Unconstrained head outputs per site, ``(B, num_params)`` each."""
+        """Unconstrained head outputs per site, ``(B, num_params)`` each, in the images' dtype (the encoder
+        may run under autocast)."""
         features = self.encoder(images)
-        return {site: head(features) for site, head in self.heads.items()}
+        return {site: head(features).to(images.dtype) for site, head in self.heads.items()}
+
+    def _augmentation_angle(self, images: torch.Tensor) -> torch.Tensor | None:
+        if not (self.augment_rotation and self.training):
+            return None
+        return (2.0 * torch.rand(images.shape[0], device=images.device) - 1.0) * math.pi
 
     def distributions(self, images: torch.Tensor) -> dict[str, dist.Distribution]:
         """``q(site | image)`` for every site, batch shape ``(B,)``."""
+        alpha = self._augmentation_angle(images)
+        if alpha is not None:
+            images = transform_images(images, alpha)
         raw = self.raw_params(images)
-        return {site: self.families[site](raw[site]) for site in self.site_shapes}
+        q = {site: self.families[site](raw[site]) for site in self.site_shapes}
+        if alpha is not None:
+            q["theta"] = dist.TransformedDistribution(q["theta"], [AffineTransform(-alpha, 1.0)])
+            if "dx" in q:
+                q["dx"] = dist.TransformedDistribution(q["dx"], [RotateVector(-alpha)])
+        return q
 
     def posterior_means(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Point estimates per site: ``z`` ``(B, z_dim)``, ``theta`` ``(B,)``, ``dx`` ``(B, 2)``."""
@@ -629,8 +699,10 @@ class AmortizedGuide(PyroModule):
         *,
         data_size: int | None = None,
         num_images: int | None = None,
+        **model_only,
     ) -> dict[str, torch.Tensor]:
-        """Sample every latent site of the model for ``images`` ``(B, C, H, W)`` (the model's signature)."""
+        """Sample every latent site of the model for ``images`` ``(B, C, H, W)`` (the model's signature;
+        keywords only the model uses, such as ``ctf``, are accepted and ignored)."""
         if images is None:
             raise ValueError("the guide needs the images it encodes")
         batch = images.shape[0]

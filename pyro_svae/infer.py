@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -31,6 +32,8 @@ from .checkpoint import (
 from .data.datasets import DataError, ImageDataset
 
 __all__ = [
+    "PRECISIONS",
+    "precision_context",
     "History",
     "KLWeight",
     "linear_kl_annealing",
@@ -51,6 +54,36 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
     return device
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for the networks' matrix products: ``"fp32"`` (none), ``"bf16"`` (CPU or CUDA) or
+    ``"fp16"`` (CUDA only). Coordinates, pose transforms, the CTF, likelihoods and KL terms stay float32
+    (the model and guides cast network outputs back), and parameters and optimizer state stay float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device; on the CPU use 'bf16'")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def model_inputs(model, data: ImageDataset, index: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Per-image keyword arguments the model needs besides the images (the CTF rows of ``index`` for a
+    model with ``ctf=True``)."""
+    if not getattr(model, "ctf", False):
+        return {}
+    if data.ctf is None:
+        raise DataError(
+            f"{data.name}: the model applies a CTF (ctf=True) but the data carry no CTF parameters; "
+            "load particles with their STAR file or build the model with ctf=False"
+        )
+    return {"ctf": data.ctf[index].to(device)}
 
 
 def as_dataset(data, image_shape: Sequence[int] | None = None, *, name: str = "data") -> ImageDataset:
@@ -149,14 +182,23 @@ def _prefixes(model, guide) -> dict[str, str]:
 
 
 @torch.no_grad()
-def posterior_means(guide, data: ImageDataset, *, batch_size: int = 500) -> dict[str, torch.Tensor]:
-    """Posterior point estimates per site for every image, on the CPU: ``z`` ``(N, z_dim)``…"""
+def posterior_means(
+    guide, data: ImageDataset, *, batch_size: int = 500, precision: str = "fp32"
+) -> dict[str, torch.Tensor]:
+    """Posterior point estimates per site for every image, on the CPU: ``z`` ``(N, z_dim)``…
+    (the guide in ``eval()`` mode, so without training-time augmentation)."""
     device = next(guide.parameters()).device
     out: dict[str, list[torch.Tensor]] = {}
-    for index in torch.arange(len(data)).split(batch_size):
-        means = guide.posterior_means(data.images[index].to(device))
-        for site, value in means.items():
-            out.setdefault(site, []).append(value.float().cpu())
+    was_training = guide.training
+    guide.eval()
+    try:
+        with precision_context(precision, device):
+            for index in torch.arange(len(data)).split(batch_size):
+                means = guide.posterior_means(data.images[index].to(device))
+                for site, value in means.items():
+                    out.setdefault(site, []).append(value.float().cpu())
+    finally:
+        guide.train(was_training)
     return {site: torch.cat(values) for site, values in out.items()}
 
 
@@ -173,6 +215,8 @@ def recovery_metrics(
     if "theta" in means and data.theta is not None:
         result["theta_circ_corr"] = M.circular_correlation(means["theta"], data.theta)
         result["theta_median_error_deg"] = math.degrees(M.median_angular_error(means["theta"], data.theta))
+    if "scale" in means and data.scale is not None and float(data.scale.std()) > 0:
+        result["log_scale_corr"] = M.pearson(torch.log(means["scale"]), torch.log(data.scale))
     if "dx" in means and data.dx is not None and float(data.dx.std()) > 0:
         rx, ry = M.translation_correlation(means["dx"], data.dx)
         result["dx_corr_x"], result["dx_corr_y"] = rx, ry
@@ -200,6 +244,7 @@ def fit(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> History:
     """Train ``model`` and ``guide`` with Pyro SVI on mini-batches; returns the :class:`History`.
 
@@ -215,6 +260,9 @@ def fit(
     ``kl_weight`` (a number, or a function of the epoch such as :func:`linear_kl_annealing`) scales the
     latent sites' log-densities in model and guide (``poutine``-style scaling); the train ``elbo``
     recorded is still the unweighted ELBO, recovered from the weighted objective.
+    ``precision`` (:data:`PRECISIONS`) runs the networks under autocast for training steps (see
+    :func:`precision_context`); the test ELBO is always evaluated in float32, so runs in different
+    precisions report comparable numbers. A model with ``ctf=True`` receives each batch's CTF rows.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -225,6 +273,10 @@ def fit(
     train = as_dataset(train, model.image_shape, name="train")
     test = None if test is None else as_dataset(test, model.image_shape, name="test")
     device = resolve_device(device)
+    step_precision = precision_context(precision, device)  # validates early
+    model_inputs(model, train, torch.arange(0), device)
+    if test is not None:
+        model_inputs(model, test, torch.arange(0), device)
     model.to(device)
     guide.to(device)
     if seed is not None:
@@ -232,6 +284,11 @@ def fit(
     optim = optimizer or pyro.optim.Adam({"lr": learning_rate})
     if loss is None:  # guides that need a particular estimator (enumeration, score function) say which
         loss = guide.default_loss() if hasattr(guide, "default_loss") else Trace_ELBO()
+    if getattr(model, "pixel_subsample", None) is not None and getattr(loss, "max_plate_nesting", 2) < 2:
+        raise ValueError(
+            "the model's pixels plate (pixel_subsample) nests inside the images plate: the loss needs "
+            f"max_plate_nesting >= 2, got {loss.max_plate_nesting} (enumerating guides are not supported)"
+        )
     elbo = loss
     recorder = _ObsLogProb()
     annealer = KLWeight()
@@ -269,7 +326,8 @@ def fit(
         bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress)
         for index in bar:
             images = train.images[index].to(device, non_blocking=True)
-            step_loss = svi.step(images, data_size=n)
+            with step_precision:
+                step_loss = svi.step(images, data_size=n, **model_inputs(model, train, index, device))
             if not math.isfinite(step_loss):
                 raise FloatingPointError(
                     f"the loss became {step_loss} in epoch {epoch}; lower the learning rate"
@@ -317,12 +375,12 @@ def fit(
 
 
 @torch.no_grad()
-def _log_weights(model, guide, images: torch.Tensor, particles: int) -> dict[str, torch.Tensor]:
+def _log_weights(model, guide, images: torch.Tensor, particles: int, **inputs) -> dict[str, torch.Tensor]:
     """Per-particle, per-image terms ``(particles, B)``: log p(x, latents) - log q(latents | x), and the
     reconstruction term log p(x | latents)."""
     with pyro.plate("particles", particles, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(images)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(images)
+        guide_trace = poutine.trace(guide).get_trace(images, **inputs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(images, **inputs)
     shape = (particles, images.shape[0])
     log_w = torch.zeros(shape, device=images.device)
     recon = torch.zeros(shape, device=images.device)
@@ -349,6 +407,7 @@ def evaluate(
     device: str | torch.device | None = None,
     seed: int | None = None,
     max_elements: int = 2**26,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Per-image ELBO and importance-weighted bound on ``data`` with ``num_particles`` samples each.
 
@@ -357,11 +416,15 @@ def evaluate(
     is the mean over particles of ``log p(x, latents) - log q(latents | x)``; the bound is
     ``log mean exp`` of the same weights (the IWAE bound with K = ``num_particles``). Weights are not
     changed. ``max_elements`` caps ``particles x batch x pixels x hidden`` activations held at once.
+    ``precision`` runs the networks under autocast (:func:`precision_context`); the default float32 is
+    what :func:`fit` reports.
     """
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
     data = as_dataset(data, model.image_shape, name="evaluation data")
     device = resolve_device(device) if device is not None else next(model.parameters()).device
+    autocast = precision_context(precision, device)
+    model_inputs(model, data, torch.arange(0), device)
     model.to(device)
     guide.to(device)
     if seed is not None:
@@ -375,10 +438,12 @@ def evaluate(
     try:
         for index in torch.arange(len(data)).split(batch_size):
             images = data.images[index].to(device)
+            inputs = model_inputs(model, data, index, device)
             chunk = max(1, min(num_particles, max_elements // (index.numel() * pixels * hidden)))
             terms: dict[str, list[torch.Tensor]] = {"log_w": [], "recon": []}
             for start in range(0, num_particles, chunk):
-                part = _log_weights(model, guide, images, min(chunk, num_particles - start))
+                with autocast:
+                    part = _log_weights(model, guide, images, min(chunk, num_particles - start), **inputs)
                 for key, value in part.items():
                     terms[key].append(value)
             log_w = torch.cat(terms["log_w"])

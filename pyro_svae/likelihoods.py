@@ -46,6 +46,9 @@ class Likelihood(nn.Module):
     """Base class: ``forward(params)`` with ``params`` ``(..., P, k * C)`` returns a distribution."""
 
     params_per_channel: int = 1
+    #: whether the first ``C`` parameters are the pixel means themselves, so a linear filter of the image
+    #: (the CTF) may act on them
+    linear_mean: bool = False
 
     def forward(self, params: torch.Tensor) -> dist.Distribution:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -72,6 +75,8 @@ class ContinuousBernoulliLikelihood(Likelihood):
 class GaussianLikelihood(Likelihood):
     """Gaussian with a fixed noise standard deviation ``sigma`` (full density, constants kept)."""
 
+    linear_mean = True
+
     def __init__(self, sigma: float = 1.0) -> None:
         super().__init__()
         if not sigma > 0:
@@ -86,6 +91,7 @@ class LearnedGaussianLikelihood(PyroModule):
     """Gaussian with one learned noise standard deviation shared by all pixels (a ``PyroParam``)."""
 
     params_per_channel = 1
+    linear_mean = True
 
     def __init__(self, init_sigma: float = 1.0) -> None:
         super().__init__()
@@ -107,6 +113,7 @@ class PixelGaussianLikelihood(Likelihood):
     """
 
     params_per_channel = 2
+    linear_mean = True
 
     def __init__(self, min_sigma: float = 1e-3) -> None:
         super().__init__()

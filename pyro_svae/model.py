@@ -14,9 +14,10 @@ from pyro.nn.module import to_pyro_module_
 from torch import nn
 
 from .coords import bin_centres, pixel_grid, pose_coordinates
+from .ctf import CTFParams, apply_ctf, ctf_2d
 from .decoders import SpatialDecoder, VanillaDecoder
 from .likelihoods import make_likelihood
-from .priors import as_prior, normal_dx, normal_theta, standard_normal_z
+from .priors import as_prior, log_normal_scale, normal_dx, normal_theta, standard_normal_z
 
 __all__ = ["SpatialVAE", "unique_name", "images_to_pixels", "pixels_to_images"]
 
@@ -70,6 +71,20 @@ class SpatialVAE(PyroModule):
     ``dx ~ N(0, dx_prior_std I)``; any distribution (or module returning one) with the site's event shape
     may be passed instead and moves with the module to its device.
 
+    ``scale=True`` adds a magnification site ``scale`` (event ``()``, prior ``LogNormal(0,
+    scale_prior_std)`` by default or any positive distribution): coordinates become ``x R(theta) s + dx``
+    in the paper's notation (the content is magnified by ``s``).
+
+    ``ctf=True`` makes the program one of cryo-EM image formation: the decoder renders the whole image,
+    each image's contrast transfer function (``forward(..., ctf=CTFParams)``, computed on the fly in
+    RELION's convention, :mod:`pyro_svae.ctf`) filters its mean in Fourier space, and a Gaussian likelihood
+    (``"gaussian"``, ``"gaussian_learned"`` or ``"gaussian_pixel"``) scores the filtered image.
+
+    ``pixel_subsample = k`` (spatial decoder only, not with a CTF) renders and scores ``k`` random pixels
+    per image in training mode, inside ``pyro.plate("pixels", H * W, subsample_size=k)``: an unbiased
+    estimate of the same ELBO at about ``k / (H W)`` of the decoder's cost. In ``eval()`` mode every pixel is
+    scored, so :func:`~pyro_svae.infer.evaluate` reports the exact ELBO.
+
     ``rotation_bins = K`` adds a discrete site ``theta_bin`` before ``theta``: K bins centred at
     ``2 pi k / K`` (wrapped to ``[-pi, pi)``), ``p(bin = k)`` proportional to the theta prior's density at
     the bin centre, and ``theta | bin ~ N(centre, pi / K)``, so that the bins tile the theta prior (a
@@ -91,6 +106,11 @@ class SpatialVAE(PyroModule):
         theta_prior_std: float = math.pi / 4,
         dx_prior_std: float = 0.1,
         rotation_bins: int | None = None,
+        scale: bool = False,
+        scale_prior: torch.distributions.Distribution | nn.Module | None = None,
+        scale_prior_std: float = 0.25,
+        ctf: bool = False,
+        pixel_subsample: int | None = None,
         likelihood: str | nn.Module = "bernoulli",
         hidden_dim: int = 500,
         num_layers: int = 2,
@@ -111,11 +131,29 @@ class SpatialVAE(PyroModule):
             raise ValueError(
                 f"rotation_bins must be an integer >= 2 on a model that rotates, got {rotation_bins!r}"
             )
+        if vanilla and (scale or scale_prior is not None):
+            raise ValueError("vanilla=True has no pose sites: do not combine it with scale or scale_prior")
         self.image_shape = _image_shape(image_shape)
+        channels, height, width = self.image_shape
+        if pixel_subsample is not None:
+            if vanilla or ctf:
+                raise ValueError(
+                    "pixel_subsample needs the spatial decoder rendering pixels independently: it cannot "
+                    "be used with vanilla=True (the decoder emits all pixels at once) or ctf=True (the CTF "
+                    "mixes all pixels of an image)"
+                )
+            if not isinstance(pixel_subsample, int) or not 1 <= pixel_subsample <= height * width:
+                raise ValueError(
+                    f"pixel_subsample must be an integer in [1, {height * width}] (pixels per image), "
+                    f"got {pixel_subsample!r}"
+                )
         self.z_dim = z_dim
         self.vanilla = vanilla
         self.rotate = (not vanilla) if rotate is None else bool(rotate)
         self.translate = (not vanilla) if translate is None else bool(translate)
+        self.scale = bool(scale) or scale_prior is not None
+        self.ctf = bool(ctf)
+        self.pixel_subsample = pixel_subsample
         self.config = {
             "image_shape": list(self.image_shape),
             "z_dim": z_dim,
@@ -125,14 +163,22 @@ class SpatialVAE(PyroModule):
             "theta_prior_std": theta_prior_std,
             "dx_prior_std": dx_prior_std,
             "rotation_bins": rotation_bins,
+            "scale": self.scale,
+            "scale_prior_std": scale_prior_std,
+            "ctf": self.ctf,
+            "pixel_subsample": pixel_subsample,
             "likelihood": likelihood if isinstance(likelihood, str) else type(likelihood).__name__,
             "hidden_dim": hidden_dim,
             "num_layers": num_layers,
             "activation": activation,
         }
-        channels, height, width = self.image_shape
-
         self.likelihood = make_likelihood(likelihood)
+        if self.ctf and not getattr(self.likelihood, "linear_mean", False):
+            raise ValueError(
+                "ctf=True filters the decoder's mean image, which needs a Gaussian likelihood "
+                "('gaussian', 'gaussian_learned' or 'gaussian_pixel'), got "
+                f"{likelihood if isinstance(likelihood, str) else type(likelihood).__name__}"
+            )
         out_dim = channels * self.likelihood.params_per_channel
         self.z_prior = as_prior(
             standard_normal_z(z_dim) if z_prior is None else z_prior, site="z", event_shape=(z_dim,)
@@ -148,6 +194,12 @@ class SpatialVAE(PyroModule):
                 normal_dx(dx_prior_std) if dx_prior is None else dx_prior,
                 site="dx",
                 event_shape=(2,),
+            )
+        if self.scale:
+            self.scale_prior = as_prior(
+                log_normal_scale(scale_prior_std) if scale_prior is None else scale_prior,
+                site="scale",
+                event_shape=(),
             )
         if vanilla:
             decoder: nn.Module = VanillaDecoder(
@@ -182,6 +234,8 @@ class SpatialVAE(PyroModule):
             sites["theta"] = ()
         if self.translate:
             sites["dx"] = (2,)
+        if self.scale:
+            sites["scale"] = ()
         return sites
 
     def render(
@@ -189,26 +243,46 @@ class SpatialVAE(PyroModule):
         z: torch.Tensor,
         theta: torch.Tensor | None = None,
         dx: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        *,
+        pixels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Likelihood parameters ``(..., P, k * C)`` for content ``z`` ``(..., z_dim)`` at a pose.
 
-        ``theta`` ``(...)`` and ``dx`` ``(..., 2)`` are ignored by the vanilla decoder.
+        ``theta`` ``(...)``, ``dx`` ``(..., 2)`` and ``scale`` ``(...)`` are ignored by the vanilla decoder;
+        ``pixels`` (indices into the grid) renders only those pixels. The decoder may run in low precision
+        (autocast); its output is returned in the module's dtype (float32) for the likelihood and the CTF.
         """
         if self.vanilla:
-            return self.decoder(z)
-        coords = pose_coordinates(self.grid, theta, dx)
-        return self.decoder(coords, z)
+            return self.decoder(z).to(self.grid.dtype)
+        grid = self.grid if pixels is None else self.grid[pixels]
+        coords = pose_coordinates(grid, theta, dx, scale)
+        return self.decoder(coords, z).to(self.grid.dtype)
+
+    def filter_ctf(self, params: torch.Tensor, ctf: CTFParams) -> torch.Tensor:
+        """Apply each image's CTF to the mean channels of ``params`` ``(..., B, P, k * C)``."""
+        channels, height, width = self.image_shape
+        mean, rest = params[..., :channels], params[..., channels:]
+        transfer = ctf_2d(ctf.to(params.device), height, width)  # (B, H, W // 2 + 1)
+        filtered = apply_ctf(pixels_to_images(mean, height, width), transfer)
+        return torch.cat([images_to_pixels(filtered), rest], dim=-1)
 
     def decode(
         self,
         z: torch.Tensor,
         theta: torch.Tensor | None = None,
         dx: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        *,
+        ctf: CTFParams | None = None,
     ) -> torch.Tensor:
-        """Expected images ``(..., C, H, W)`` for content ``z`` at a pose (``theta = dx = 0`` if omitted)."""
+        """Expected images ``(..., C, H, W)`` for content ``z`` at a pose (``theta = dx = 0`` if omitted);
+        with ``ctf`` the images as the microscope records them (CTF-filtered), else the clean ones."""
         _, height, width = self.image_shape
-        mean = self.likelihood(self.render(z, theta, dx)).mean
-        return pixels_to_images(mean, height, width)
+        params = self.render(z, theta, dx, scale)
+        if ctf is not None:
+            params = self.filter_ctf(params, ctf)
+        return pixels_to_images(self.likelihood.mean(params), height, width)
 
     def forward(
         self,
@@ -216,12 +290,14 @@ class SpatialVAE(PyroModule):
         *,
         data_size: int | None = None,
         num_images: int | None = None,
+        ctf: CTFParams | None = None,
     ) -> torch.Tensor:
         """Run the generative program; returns the observed (or sampled) pixels ``(..., P, C)``.
 
         ``images`` ``(B, C, H, W)`` are conditioned on at site ``obs``; with ``images=None``,
         ``num_images`` new images are generated. ``data_size`` is the size of the whole data set when
         ``images`` is a mini-batch: the plate then scales the batch's log-density by ``data_size / B``.
+        ``ctf`` holds the CTF parameters of the ``B`` images (required when the model has ``ctf=True``).
         """
         if images is not None:
             batch = images.shape[0]
@@ -230,12 +306,33 @@ class SpatialVAE(PyroModule):
             batch, obs = num_images, None
         else:
             raise ValueError("pass images to condition on, or num_images to generate")
+        if self.ctf and (ctf is None or len(ctf) != batch):
+            found = "none" if ctf is None else f"{len(ctf)} rows"
+            raise ValueError(
+                f"this model applies a CTF: pass ctf= with one row per image ({batch}), got {found}"
+            )
         with images_plate(batch, data_size, self.grid.device):
             z = pyro.sample("z", self.z_prior())
             theta = self._sample_theta() if self.rotate else None
             dx = pyro.sample("dx", self.dx_prior()) if self.translate else None
-            params = self.render(z, theta, dx)
+            scale = pyro.sample("scale", self.scale_prior()) if self.scale else None
+            if self.pixel_subsample is not None and self.training and obs is not None:
+                return self._observe_pixel_subsample(obs, z, theta, dx, scale)
+            params = self.render(z, theta, dx, scale)
+            if self.ctf:
+                params = self.filter_ctf(params, ctf)
             return pyro.sample("obs", self.likelihood(params), obs=obs)
+
+    def _observe_pixel_subsample(self, obs, z, theta, dx, scale) -> torch.Tensor:
+        """Score a random subset of pixels of each image; the plate scales their log-density by
+        ``H W / k``. The pixels plate is the dim left of the images plate, so ``obs`` is laid out
+        ``(k, B, 1, C)`` with event ``(1, C)``."""
+        num_pixels = self.grid.shape[0]
+        with pyro.plate("pixels", num_pixels, subsample_size=self.pixel_subsample, dim=-2) as pixels:
+            params = self.render(z, theta, dx, scale, pixels=pixels)  # (B, k, k' C)
+            params = params.transpose(-3, -2).unsqueeze(-2)  # (k, B, 1, k' C)
+            value = obs[..., pixels, :].transpose(-3, -2).unsqueeze(-2)
+            return pyro.sample("obs", self.likelihood(params), obs=value)
 
     def _sample_theta(self) -> torch.Tensor:
         if self.rotation_bins is None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .coords import bin_centres, pixel_grid, transform_images, wrap_angle
 from .encoders import MLPEncoder
-from .guides import NormalFamily
+from .guides import NormalFamily, default_family
 from .model import SpatialVAE, images_plate, unique_name
 
 __all__ = ["RotationEquivariantEncoder", "PoseSearchGuide"]
@@ -157,6 +157,12 @@ class PoseSearchGuide(PyroModule):
         if self.translate:
             self.dx_family = NormalFamily.for_prior((2,), model.dx_prior())
             self.dx_head = nn.Linear(features, self.dx_family.num_params)
+        # further pose sites (e.g. ``scale``) are rotation invariant: read from the pooled features
+        other = [site for site in self.site_shapes if site not in ("z", "theta_bin", "theta", "dx")]
+        self.other_families = nn.ModuleDict({site: default_family(model, site) for site in other})
+        self.other_heads = nn.ModuleDict(
+            {site: nn.Linear(features, fam.num_params) for site, fam in self.other_families.items()}
+        )
         self.register_buffer("centres", bin_centres(bins), persistent=False)
         to_pyro_module_(self)
 
@@ -173,25 +179,32 @@ class PoseSearchGuide(PyroModule):
     def raw_params(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``bin_logits`` ``(B, K)``, ``offset`` / ``log_scale`` ``(B, K)``, ``z`` and ``dx`` head outputs."""
         encoded = self.encoder(images)
+        dtype = images.dtype  # under autocast the networks' outputs may be low precision
+        if isinstance(encoded, dict):
+            encoded = {key: value.to(dtype) for key, value in encoded.items()}
+        else:
+            encoded = encoded.to(dtype)
         if self.structured:
             features = encoded["features"]
-            offset, log_scale = self.offset_head(encoded["bin_features"]).unbind(-1)
+            offset, log_scale = self.offset_head(encoded["bin_features"]).to(dtype).unbind(-1)
             logits = encoded["bin_logits"]
         else:
             features = encoded
-            logits = self.bin_head(features)
-            offset, log_scale = self.offset_head(features).chunk(2, -1)
+            logits = self.bin_head(features).to(dtype)
+            offset, log_scale = self.offset_head(features).to(dtype).chunk(2, -1)
         raw = {
             "bin_logits": logits,
             "offset": offset,
             "log_scale": log_scale + math.log(self.bin_scale_init),
-            "z": self.z_head(features),
+            "z": self.z_head(features).to(dtype),
         }
         if self.translate:
-            dx_raw = self.dx_head(features)
+            dx_raw = self.dx_head(features).to(dtype)
             if self.structured:  # the soft-argmax position is the equivariant part of the mean
                 dx_raw = torch.cat([dx_raw[..., :2] + encoded["position"], dx_raw[..., 2:]], -1)
             raw["dx"] = dx_raw
+        for site, head in self.other_heads.items():
+            raw[site] = head(features).to(dtype)
         return raw
 
     def distributions(self, images: torch.Tensor) -> dict[str, dist.Distribution]:
@@ -207,6 +220,8 @@ class PoseSearchGuide(PyroModule):
         }
         if self.translate:
             q["dx"] = self.dx_family(raw["dx"])
+        for site, family in self.other_families.items():
+            q[site] = family(raw[site])
         return q
 
     def posterior_means(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -228,6 +243,8 @@ class PoseSearchGuide(PyroModule):
         }
         if self.translate:
             means["dx"] = self.dx_family.mean(raw["dx"])
+        for site, family in self.other_families.items():
+            means[site] = family.mean(raw[site])
         return means
 
     def forward(
@@ -236,8 +253,10 @@ class PoseSearchGuide(PyroModule):
         *,
         data_size: int | None = None,
         num_images: int | None = None,
+        **model_only,
     ) -> dict[str, torch.Tensor]:
-        """Sample ``z``, ``theta_bin``, ``theta`` (and ``dx``) for ``images`` ``(B, C, H, W)``."""
+        """Sample ``z``, ``theta_bin``, ``theta`` (and ``dx``) for ``images`` ``(B, C, H, W)``; keywords
+        only the model uses (``ctf``) are ignored."""
         batch = images.shape[0]
         raw = self.raw_params(images)
         infer = {"enumerate": "parallel"} if self.mode == "enumerate" else {}
@@ -251,6 +270,8 @@ class PoseSearchGuide(PyroModule):
             values["theta"] = pyro.sample("theta", dist.Normal(loc, scale))
             if self.translate:
                 values["dx"] = pyro.sample("dx", self.dx_family(raw["dx"]))
+            for site, family in self.other_families.items():
+                values[site] = pyro.sample(site, family(raw[site]))
         return values
 
     def guide(self, *args, **kwargs) -> dict[str, torch.Tensor]:

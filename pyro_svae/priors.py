@@ -50,6 +50,7 @@ __all__ = [
     "circular_uniform_theta",
     "is_circular",
     "laplace_dx",
+    "log_normal_scale",
     "normal_dx",
     "normal_theta",
     "standard_normal_z",
@@ -160,6 +161,14 @@ def normal_dx(std: float = 0.1) -> dist.Distribution:
     if not std > 0:
         raise ValueError(f"dx prior std must be positive, got {std}")
     return dist.Normal(torch.zeros(2), torch.full((2,), float(std))).to_event(1)
+
+
+def log_normal_scale(std: float = 0.25) -> dist.Distribution:
+    """Magnification prior ``log s ~ N(0, std)`` (``std = 0.25``: sizes within about 1.6x either way at
+    two standard deviations), event shape ``()``."""
+    if not std > 0:
+        raise ValueError(f"scale prior std must be positive, got {std}")
+    return dist.LogNormal(torch.tensor(0.0), torch.tensor(float(std)))
 
 
 def _positive(value: float, what: str) -> float:

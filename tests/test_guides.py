@@ -301,3 +301,45 @@ def test_von_mises_guide_trains_with_tracegraph_through_fit():
     head = guide.heads["theta"].weight.detach().clone()
     history = fit(model, guide, torch.rand(20, 1, 6, 6).round(), epochs=2, batch_size=7, progress=False)
     assert len(history) == 2 and not torch.equal(head, guide.heads["theta"].weight.detach())
+
+
+def test_rotation_augmentation_reads_a_turned_copy_and_turns_the_posterior_back(monkeypatch):
+    from pyro_svae.coords import transform_images
+    from pyro_svae.guides import RotateVector
+
+    model = SpatialVAE((8, 8), 2, hidden_dim=16)
+    guide = AmortizedGuide(model, hidden_dim=16, augment_rotation=True)
+    images = torch.rand(3, 1, 8, 8)
+    alpha = torch.tensor([0.5, -2.0, 3.0])
+    monkeypatch.setattr(guide, "_augmentation_angle", lambda x: alpha)
+    q = guide.distributions(images)
+    raw = guide.raw_params(transform_images(images, alpha))
+    base_theta = guide.families["theta"](raw["theta"])
+    base_dx = guide.families["dx"](raw["dx"])
+    theta, dx = torch.tensor([0.1, 0.2, -0.3]), torch.randn(3, 2) * 0.1
+    assert torch.allclose(q["theta"].log_prob(theta), base_theta.log_prob(theta + alpha), atol=1e-5)
+    turned = RotateVector(alpha)(dx)
+    assert torch.allclose(q["dx"].log_prob(dx), base_dx.log_prob(turned), atol=1e-5)
+    guide.eval()  # evaluation reads the image as it is
+    monkeypatch.undo()
+    plain = guide.distributions(images)
+    assert torch.allclose(plain["theta"].mean, guide.posterior_means(images)["theta"])
+    guide.train()
+    assert not _frozen_after_svi(model, guide, images)
+    with pytest.raises(ValueError, match="rotation site"):
+        AmortizedGuide(SpatialVAE((8, 8), 2, rotate=False, hidden_dim=16), augment_rotation=True)
+
+
+def test_guides_gain_the_scale_site_with_a_positive_family():
+    from pyro_svae.pose_search import PoseSearchGuide
+
+    model = SpatialVAE((8, 8), 2, hidden_dim=16, scale=True)
+    guide = AmortizedGuide(model, hidden_dim=16)
+    trace = poutine.trace(guide).get_trace(torch.rand(4, 1, 8, 8))
+    assert trace.nodes["scale"]["value"].shape == (4,) and bool((trace.nodes["scale"]["value"] > 0).all())
+    assert guide.config["families"]["scale"] == "constrained_normal"
+    binned = SpatialVAE((8, 8), 2, hidden_dim=16, scale=True, rotation_bins=4)
+    search = PoseSearchGuide(binned, encoder="mlp", mode="sample", hidden_dim=16)
+    trace = poutine.trace(search).get_trace(torch.rand(4, 1, 8, 8))
+    assert bool((trace.nodes["scale"]["value"] > 0).all())
+    assert search.posterior_means(torch.rand(4, 1, 8, 8))["scale"].shape == (4,)

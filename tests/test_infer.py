@@ -181,3 +181,60 @@ def test_kl_annealing_schedule_is_recorded_and_the_elbo_stays_unweighted(digits)
     assert [r.get("kl_weight") for r in rows] == [pytest.approx(1 / 3), pytest.approx(2 / 3), None]
     for row in rows:
         assert row["elbo"] == pytest.approx(row["reconstruction"] - row["kl"]) and row["kl"] > 0
+
+
+def test_bf16_training_keeps_parameters_float32_and_its_elbo_tracks_fp32(digits):
+    train, test = digits
+    model, guide = tiny()
+    history = fit(
+        model, guide, train, test=test, epochs=2, learning_rate=3e-3, progress=False, precision="bf16"
+    )
+    elbos = history.values("elbo", "test")
+    assert elbos[-1] > elbos[0]
+    assert all(p.dtype == torch.float32 for p in [*model.parameters(), *guide.parameters()])
+    # the same weights and posterior samples scored in both precisions
+    reports = {
+        precision: evaluate(model, guide, test, num_particles=2, seed=5, precision=precision)
+        for precision in ("fp32", "bf16")
+    }
+    assert abs(reports["bf16"]["elbo"] - reports["fp32"]["elbo"]) < 0.5
+    assert reports["bf16"]["elbo"] != reports["fp32"]["elbo"]  # autocast really ran
+    with pytest.raises(ValueError, match="precision"):
+        fit(model, guide, train, epochs=1, precision="fp8", progress=False)
+    with pytest.raises(ValueError, match="fp16"):
+        fit(model, guide, train, epochs=1, precision="fp16", device="cpu", progress=False)
+
+
+def test_a_ctf_model_trains_on_particles_with_their_ctf():
+    from pyro_svae.ctf import CTFParams
+
+    n = 24
+    ctf = CTFParams.from_values(
+        n,
+        defocus_u=torch.linspace(10000, 25000, n),
+        defocus_v=torch.linspace(9500, 24000, n),
+        defocus_angle=45.0,
+        voltage=300.0,
+        spherical_aberration=2.7,
+        amplitude_contrast=0.1,
+        pixel_size=2.2,
+    )
+    data = ImageDataset(torch.randn(n, 1, 12, 12), ctf=ctf, name="particles")
+    model = SpatialVAE((12, 12), 1, hidden_dim=16, ctf=True, likelihood="gaussian")
+    guide = AmortizedGuide(model, hidden_dim=16)
+    history = fit(model, guide, data, test=data, epochs=2, batch_size=8, progress=False)
+    assert math.isfinite(history.last("test")["elbo"])
+    report = evaluate(model, guide, data, num_particles=3)
+    assert report["per_image_elbo"].shape == (n,)
+    with pytest.raises(DataError, match="CTF"):
+        fit(model, guide, ImageDataset(data.images), epochs=1, progress=False)
+
+
+def test_pixel_subsampled_training_reports_the_full_elbo(digits):
+    train, test = digits
+    model = SpatialVAE((28, 28), 2, hidden_dim=32, pixel_subsample=196)
+    guide = AmortizedGuide(model, hidden_dim=32)
+    history = fit(model, guide, train, test=test, epochs=2, learning_rate=3e-3, progress=False)
+    elbos = history.values("elbo", "test")
+    assert elbos[-1] > elbos[0]
+    assert model.training  # evaluation switched to all pixels and back

@@ -193,3 +193,80 @@ def test_model_and_guide_run_on_cuda():
     assert math.isfinite(loss)
     trace = poutine.trace(model).get_trace(images)
     assert trace.nodes["theta"]["value"].device.type == "cuda"
+
+
+# --- scale, CTF and pixel subsampling -------------------------------------------------------------
+
+
+def _ctf_rows(n):
+    from pyro_svae.ctf import CTFParams
+
+    return CTFParams.from_values(
+        n,
+        defocus_u=torch.linspace(12000, 20000, n),
+        defocus_v=torch.linspace(11000, 19500, n),
+        defocus_angle=30.0,
+        voltage=300.0,
+        spherical_aberration=2.7,
+        amplitude_contrast=0.1,
+        pixel_size=3.0,
+    )
+
+
+def test_scale_site_magnifies_the_content():
+    model = small_model(scale=True)
+    assert list(model.latent_sites) == ["z", "theta", "dx", "scale"]
+    trace = poutine.trace(model).get_trace(torch.rand(3, 1, 6, 6))
+    site = trace.nodes["scale"]
+    assert isinstance(site["fn"], dist.LogNormal) and site["value"].shape == (3,)
+    z = torch.randn(2, 3)
+    magnified = model.render(z, torch.zeros(2), torch.zeros(2, 2), torch.full((2,), 2.0))
+    expected = model.decoder(model.grid / 2.0, z)
+    assert torch.allclose(magnified, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="vanilla"):
+        small_model(vanilla=True, scale=True)
+
+
+def test_ctf_filters_the_rendered_mean_before_the_gaussian_likelihood():
+    from pyro_svae.ctf import apply_ctf, ctf_2d
+
+    model = small_model(ctf=True, likelihood="gaussian_pixel")
+    images, ctf = torch.randn(4, 1, 6, 6), _ctf_rows(4)
+    trace = poutine.trace(model).get_trace(images, ctf=ctf)
+    z, theta, dx = (trace.nodes[name]["value"] for name in ("z", "theta", "dx"))
+    clean = model.decode(z, theta, dx)
+    recorded = apply_ctf(clean, ctf_2d(ctf, 6))
+    obs_mean = pixels_to_images(trace.nodes["obs"]["fn"].base_dist.loc, 6, 6)
+    assert torch.allclose(obs_mean, recorded, atol=1e-5)
+    assert not torch.allclose(recorded, clean, atol=1e-3)
+    assert torch.allclose(model.decode(z, theta, dx, ctf=ctf), recorded, atol=1e-5)
+    with pytest.raises(ValueError, match="pass ctf="):
+        model(images)
+    with pytest.raises(ValueError, match="Gaussian likelihood"):
+        small_model(ctf=True)
+
+
+def test_pixel_subsampling_is_an_unbiased_estimate_of_the_full_log_likelihood():
+    model = small_model(pixel_subsample=9, likelihood="gaussian")
+    images = torch.randn(2, 1, 6, 6)
+    latents = {"z": torch.randn(2, 3), "theta": torch.tensor([0.3, -1.0]), "dx": torch.zeros(2, 2)}
+    conditioned = poutine.condition(model, latents)
+    model.eval()
+    full = poutine.trace(conditioned).get_trace(images).nodes["obs"]
+    full_log_lik = float(full["fn"].log_prob(full["value"]).sum())
+    model.train()
+    estimates = []
+    for _ in range(400):
+        trace = poutine.trace(conditioned).get_trace(images)
+        site = trace.nodes["obs"]
+        assert site["value"].shape == (9, 2, 1, 1)
+        estimates.append(float(site["fn"].log_prob(site["value"]).sum()) * site["scale"])
+    estimates = torch.tensor(estimates)
+    assert abs(float(estimates.mean()) - full_log_lik) < 4 * float(estimates.std()) / 20
+    assert float(estimates.std()) > 0
+    with pytest.raises(ValueError, match="pixel_subsample"):
+        small_model(pixel_subsample=9, vanilla=True)
+    with pytest.raises(ValueError, match="pixel_subsample"):
+        small_model(pixel_subsample=9, ctf=True, likelihood="gaussian")
+    with pytest.raises(ValueError, match="pixel_subsample"):
+        small_model(pixel_subsample=37)
