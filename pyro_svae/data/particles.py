@@ -19,13 +19,16 @@ package carry the prefix ``pyroSvae`` (starfile writes any column name): ground 
 to a temporary file in the target folder and moved into place with :func:`os.replace`, so readers never
 see half a file.
 
-Preprocessing. :func:`fourier_crop` keeps the centred ``box x box`` block of the image's spectrum; samples
-land on the old pixels ``k * H / box``, so RELION's centre (pixel ``N/2``) and physical origins in Å are
-kept, and the pixel size grows by ``H / box``. pyro_svae's grid centre ``(N - 1)/2`` moves by
-``1/2 - box/(2H)`` new pixels, so :func:`preprocess_particles` converts ``dx`` through RELION's convention
-(exact) rather than keeping it in grid units. :func:`normalize_particles` follows RELION: each particle's
-mean and standard deviation are measured on its background, the pixels outside a circle of radius
-``0.75 * box / 2`` (RELION's default background radius) centred on the grid centre.
+Preprocessing. :func:`fourier_crop` keeps the centred ``box x box`` block of the image's spectrum; new
+pixel ``k`` samples old pixel ``k * H / box``, so RELION's centre (pixel ``N/2``) stays in place and the
+pixel size grows by ``H / box``. In grid units the crop maps old positions ``p`` to ``a p + (b, -b)`` with
+``a = (H - 1) box / (H (box - 1))`` and ``b = a - 1``: the old grid centre lands ``1/2 - box/(2H)`` new
+pixels off the new one, and one grid unit covers a little more of the particle. :func:`preprocess_particles`
+maps ``dx`` (the grid position of the content's centre) the same way and keeps ``theta``; within the image
+the map moves a point by less than one new pixel, so ``dx`` left unchanged would be close but not exact.
+:func:`normalize_particles` follows RELION: each particle's mean and standard deviation are measured on its
+background, the pixels outside a circle of radius ``0.75 * box / 2`` (RELION's default background radius)
+centred on the grid centre.
 """
 
 from __future__ import annotations
@@ -326,7 +329,7 @@ def _ctf_from_table(table: pd.DataFrame, require_ctf: bool, source) -> CTFParams
     if missing:
         if require_ctf:
             raise DataError(f"{source}: CTF column(s) missing: {', '.join(missing)}")
-        if len(missing) < len(required):
+        if {"rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"} & set(table.columns):  # a partial CTF
             warnings.warn(
                 f"{source}: incomplete CTF columns (missing {', '.join(missing)}); images loaded without CTF",
                 UserWarning,
@@ -752,7 +755,7 @@ def preprocess_particles(
 
     Returns a new :class:`ImageDataset` with every other field kept, except what the crop changes: the CTF
     and ``info["pixel_size"]`` grow by ``H / box``, ``info["box_size"]`` becomes ``box``, and ``dx`` is
-    converted so it names the same physical shift on the new grid (``theta`` is unchanged; see the module
+    mapped to where the content's centre lies on the new grid (``theta`` is unchanged; see the module
     notes). ``mask_radius`` (pixels of the output box) sets the normalization background.
     """
     size = _square_side(dataset.images, dataset.name)
@@ -776,9 +779,8 @@ def preprocess_particles(
         if ctf is not None:
             ctf = replace(ctf, pixel_size=ctf.pixel_size * factor)
         if dx is not None:
-            theta = dataset.theta if dataset.theta is not None else torch.zeros(len(dataset))
-            psi, origin_x, origin_y = pose_to_relion(theta, dx, size)
-            dx = relion_to_pose(psi, origin_x / factor, origin_y / factor, new_box)[1].to(dx.device)
+            a = (size - 1) * new_box / (size * (new_box - 1))
+            dx = a * dx + torch.tensor([a - 1.0, 1.0 - a], dtype=dx.dtype, device=dx.device)
     info = dict(dataset.info)
     if info.get("pixel_size") is not None:
         info["pixel_size"] = float(info["pixel_size"]) * factor
