@@ -19,6 +19,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from . import distributed as D
 from . import metrics as M
 from .checkpoint import (
     get_rng_state,
@@ -245,6 +246,7 @@ def fit(
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
     precision: str = "fp32",
+    distributed: bool | None = None,
 ) -> History:
     """Train ``model`` and ``guide`` with Pyro SVI on mini-batches; returns the :class:`History`.
 
@@ -263,6 +265,11 @@ def fit(
     ``precision`` (:data:`PRECISIONS`) runs the networks under autocast for training steps (see
     :func:`precision_context`); the test ELBO is always evaluated in float32, so runs in different
     precisions report comparable numbers. A model with ``ctf=True`` receives each batch's CTF rows.
+    ``distributed=True`` (one process per rank, launched by ``torchrun``; see
+    :mod:`pyro_svae.distributed`) trains data-parallel: each rank takes its slice of every batch and the
+    gradients are combined over ranks, so each step equals a single process's on the whole batch;
+    ``None`` does so when the caller has initialized a process group. The records are the same on every
+    rank; rank 0 alone evaluates the test set, writes the checkpoint and shows progress.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -272,7 +279,8 @@ def fit(
         raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
     train = as_dataset(train, model.image_shape, name="train")
     test = None if test is None else as_dataset(test, model.image_shape, name="test")
-    device = resolve_device(device)
+    ranks = D.setup(resolve_device(device), distributed)
+    device = ranks.device
     step_precision = precision_context(precision, device)  # validates early
     model_inputs(model, train, torch.arange(0), device)
     if test is not None:
@@ -280,7 +288,7 @@ def fit(
     model.to(device)
     guide.to(device)
     if seed is not None:
-        pyro.set_rng_seed(seed)
+        pyro.set_rng_seed(ranks.rank_seed(seed))  # distinct guide noise per rank; `seed` on rank 0
     optim = optimizer or pyro.optim.Adam({"lr": learning_rate})
     if loss is None:  # guides that need a particular estimator (enumeration, score function) say which
         loss = guide.default_loss() if hasattr(guide, "default_loss") else Trace_ELBO()
@@ -307,6 +315,8 @@ def fit(
         history = History(list(state["history"]))
         start_epoch = int(state["epoch"]) + 1
         set_rng_state(state["rng"])
+        ranks.restore_rng(state)
+    ranks.broadcast_modules(model, guide)
 
     n = len(train)
     for epoch in range(start_epoch, epochs + 1):
@@ -314,7 +324,8 @@ def fit(
         if seed is not None:
             generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         else:
-            generator = torch.Generator().manual_seed(int(torch.randint(2**31, ()).item()))
+            shared = ranks.broadcast_object(int(torch.randint(2**31, ()).item()))
+            generator = torch.Generator().manual_seed(shared)
         annealer.beta = beta = float(beta_of(epoch))
         if not beta > 0:
             raise ValueError(f"kl_weight must be positive, got {beta} at epoch {epoch}")
@@ -323,19 +334,23 @@ def fit(
         model.train()
         guide.train()
         batches = list(_batches(n, batch_size, generator))
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress)
+        show = progress and ranks.is_main
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not show)
         for index in bar:
-            images = train.images[index].to(device, non_blocking=True)
+            local, share = ranks.shard(index)  # (index, 1.0) in a single process
+            images = train.images[local].to(device, non_blocking=True)
+            inputs = model_inputs(model, train, local, device)
             with step_precision:
-                step_loss = svi.step(images, data_size=n, **model_inputs(model, train, index, device))
+                step_loss = ranks.step(svi, images, data_size=n, share=share, **inputs)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(
                     f"the loss became {step_loss} in epoch {epoch}; lower the learning rate"
                 )
             weight = index.numel() / n
             objective_sum -= step_loss * weight
-            recon_sum += recorder.pop() * weight
+            recon_sum += recorder.pop() * weight * share
             bar.set_postfix(elbo=f"{-step_loss / n:.1f}")
+        (recon_sum,) = ranks.sum(recon_sum)
         seconds = time.perf_counter() - started
         kl = (recon_sum - objective_sum) / beta / n
         records = {
@@ -351,12 +366,15 @@ def fit(
         if beta != 1.0:
             records["train"]["kl_weight"] = beta
         if test is not None:
-            report = evaluate(model, guide, test, num_particles=1, batch_size=max(batch_size, 100))
-            record = {"epoch": epoch, "split": "test", **report.pop("per_image_summary")}
-            record.update(recovery_metrics(posterior_means(guide, test), test))
-            records["test"] = record
+            record = None
+            if ranks.is_main:
+                report = evaluate(model, guide, test, num_particles=1, batch_size=max(batch_size, 100))
+                record = {"epoch": epoch, "split": "test", **report.pop("per_image_summary")}
+                record.update(recovery_metrics(posterior_means(guide, test), test))
+            records["test"] = ranks.broadcast_object(record)
         history.records.extend(records.values())
-        if checkpoint is not None:
+        rng_ranks = ranks.checkpoint_rng() if checkpoint is not None else {}  # on every rank
+        if checkpoint is not None and ranks.is_main:
             save_checkpoint(
                 checkpoint,
                 {
@@ -366,11 +384,13 @@ def fit(
                     "optimizer": optimizer_state(optim, _prefixes(model, guide)),
                     "history": history.records,
                     "rng": get_rng_state(),
+                    **rng_ranks,
                     **(extra_state or {}),
                 },
             )
         for callback in callbacks:
             callback(epoch, records)
+    ranks.barrier()
     return history
 
 
