@@ -1,7 +1,8 @@
 """Data sets with optional ground truth, and loaders for users' own files."""
 
 from .datasets import DataError, ImageDataset, as_image_tensor
-from .loaders import load_idx, load_images, load_npy, read_idx
+from .galaxies import hubble_deep_field, simulated_galaxies
+from .loaders import load_idx, load_image_folder, load_images, load_npy, read_idx
 from .mnist import mnist_digits, posed_mnist, rotated_mnist, rotated_translated_mnist
 from .particles import (
     circular_mask,
@@ -22,6 +23,7 @@ BUILTIN = {
     "rotated_translated_mnist": lambda **kw: rotated_translated_mnist(**kw),
     "uniform_rotated_mnist": lambda **kw: rotated_mnist(rotation="uniform", **kw),
     "uniform_rotated_translated_mnist": lambda **kw: rotated_translated_mnist(rotation="uniform", **kw),
+    "hubble_deep_field": lambda **kw: hubble_deep_field(**kw),
 }
 
 __all__ = [
@@ -29,6 +31,9 @@ __all__ = [
     "DataError",
     "ImageDataset",
     "as_image_tensor",
+    "hubble_deep_field",
+    "simulated_galaxies",
+    "load_image_folder",
     "load_idx",
     "load_images",
     "load_npy",
