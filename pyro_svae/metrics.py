@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from .coords import transform_images
 
 __all__ = [
     "circular_correlation",
@@ -16,6 +19,10 @@ __all__ = [
     "translation_correlation",
     "knn_accuracy",
     "clustering_accuracy",
+    "best_spearman",
+    "knn_regression_r2",
+    "log_scale_correlation",
+    "equivariance_correlation",
 ]
 
 
@@ -100,3 +107,78 @@ def clustering_accuracy(z, labels, *, n_clusters: int | None = None, seed: int =
         counts[c, label] += 1
     rows, cols = linear_sum_assignment(-counts)
     return float(counts[rows, cols].sum() / labels.size)
+
+
+def best_spearman(z, factor) -> tuple[float, int]:
+    """``|Spearman rho|`` between a factor ``(N,)`` and the best-matching dimension of ``z`` ``(N, d)``.
+
+    Returns ``(|rho|, dimension)``; a constant dimension (or factor) counts as ``rho = 0``.
+    """
+    from scipy.stats import rankdata
+
+    z, factor = _numpy(z), _numpy(factor).ravel()
+    if z.ndim == 1:
+        z = z[:, None]
+    if z.ndim != 2 or z.shape[0] != factor.shape[0]:
+        raise ValueError(
+            f"expected z of shape (N, d) and a factor of shape (N,), got {z.shape} and {factor.shape}"
+        )
+    ranked = rankdata(factor)
+    rhos = [abs(pearson(rankdata(z[:, j]), ranked)) for j in range(z.shape[1])]
+    best = int(np.argmax(rhos))
+    return float(rhos[best]), best
+
+
+def knn_regression_r2(z_train, y_train, z_test, y_test, *, k: int = 10) -> float:
+    """R^2 on test of a k-nearest-neighbour regressor of a continuous factor ``y`` ``(N,)`` from ``z``.
+
+    1 is perfect, 0 is no better than predicting the test mean, and it can be negative.
+    """
+    from sklearn.metrics import r2_score
+    from sklearn.neighbors import KNeighborsRegressor
+
+    z_train, z_test = _numpy(z_train), _numpy(z_test)
+    z_train = z_train[:, None] if z_train.ndim == 1 else z_train
+    z_test = z_test[:, None] if z_test.ndim == 1 else z_test
+    regressor = KNeighborsRegressor(n_neighbors=min(k, z_train.shape[0]))
+    regressor.fit(z_train, _numpy(y_train).ravel())
+    return float(r2_score(_numpy(y_test).ravel(), regressor.predict(z_test)))
+
+
+def log_scale_correlation(estimate, truth) -> float:
+    """Pearson r between the logarithms of estimated and true scales (both positive, ``(N,)``)."""
+    estimate, truth = _numpy(estimate).ravel(), _numpy(truth).ravel()
+    if (estimate <= 0).any() or (truth <= 0).any():
+        raise ValueError("scales must be positive to take their logarithm")
+    return pearson(np.log(estimate), np.log(truth))
+
+
+def equivariance_correlation(
+    infer_theta: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    angles: torch.Tensor,
+    *,
+    symmetry: int = 1,
+) -> float:
+    """How well inferred angles follow a known rotation of the images (no ground-truth pose needed).
+
+    Each image ``(N, C, H, W)`` is turned counter-clockwise by its angle ``alpha`` ``(N,)`` with
+    :func:`pyro_svae.coords.transform_images` (bilinear, zero padding: content should lie inside the
+    inscribed circle, on a background near 0); ``infer_theta`` maps images to angles ``(N,)`` and is
+    called on the originals and on the turned images. Returns
+    ``circular_correlation(theta_turned - theta_original, alpha, symmetry=symmetry)``: 1 for an exactly
+    equivariant estimator (``theta`` follows the content), ~0 for one that ignores it. Draw ``alpha``
+    uniformly over the circle: the circular correlation measures co-variation about the mean angle, so
+    angles confined to a small arc give a small, noisy denominator. Use ``symmetry = 2`` for content that
+    looks the same after a half turn (an angle is then only defined modulo ``pi``).
+    """
+    angles = torch.as_tensor(angles, dtype=images.dtype, device=images.device)
+    if angles.shape != images.shape[:1]:
+        raise ValueError(
+            f"expected one angle per image, shape {tuple(images.shape[:1])}, got {tuple(angles.shape)}"
+        )
+    with torch.no_grad():
+        turned = transform_images(images, angles)
+        theta_original = torch.as_tensor(infer_theta(images)).reshape(-1)
+        theta_turned = torch.as_tensor(infer_theta(turned)).reshape(-1)
+    return circular_correlation(theta_turned - theta_original, angles, symmetry=symmetry)

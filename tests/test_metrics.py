@@ -44,3 +44,81 @@ def test_translation_correlation_and_knn_and_clustering():
     assert M.knn_accuracy(z[::2], labels[::2], z[1::2], labels[1::2]) == 1.0
     assert M.clustering_accuracy(z, labels) == 1.0
     assert M.clustering_accuracy(rng.normal(size=(150, 3)), labels) < 0.6
+
+
+def test_best_spearman_finds_the_monotone_dimension_whatever_its_sign():
+    rng = np.random.default_rng(4)
+    factor = rng.uniform(0.2, 1.0, 300)
+    z = rng.normal(size=(300, 4))
+    z[:, 2] = -np.exp(3 * factor) + rng.normal(0, 0.05, 300)  # monotone (decreasing), not linear
+    rho, dim = M.best_spearman(z, factor)
+    assert dim == 2 and rho > 0.95
+    rho_noise, _ = M.best_spearman(rng.normal(size=(300, 4)), factor)
+    assert rho_noise < 0.2
+    assert M.best_spearman(np.ones((10, 2)), np.arange(10.0)) == (0.0, 0)
+
+
+def test_knn_regression_r2_high_for_a_smooth_function_and_about_zero_for_noise():
+    rng = np.random.default_rng(5)
+    z = rng.uniform(-1, 1, size=(600, 2))
+    y = np.sin(2 * z[:, 0]) + z[:, 1] ** 2
+    assert M.knn_regression_r2(z[:400], y[:400], z[400:], y[400:]) > 0.9
+    noise = rng.normal(size=600)
+    assert M.knn_regression_r2(z[:400], noise[:400], z[400:], noise[400:]) < 0.1
+
+
+def test_log_scale_correlation_is_invariant_to_powers_and_factors():
+    rng = np.random.default_rng(6)
+    truth = np.exp(rng.uniform(0, math.log(2), 200))
+    assert M.log_scale_correlation(3 * truth**1.7, truth) == pytest.approx(1.0)
+    assert abs(M.log_scale_correlation(np.exp(rng.normal(size=200)), truth)) < 0.2
+    with pytest.raises(ValueError, match="positive"):
+        M.log_scale_correlation(truth - 1.5, truth)
+
+
+def _elongated_blobs(n: int, size: int, seed: int):
+    """Anisotropic Gaussian blobs (N, 1, H, W) with major-axis angles drawn uniformly."""
+    import torch
+
+    from pyro_svae.coords import pixel_grid
+
+    generator = torch.Generator().manual_seed(seed)
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.pi
+    grid = pixel_grid(size)  # (P, 2), y up
+    u = grid[:, 0] * torch.cos(angle)[:, None] + grid[:, 1] * torch.sin(angle)[:, None]
+    v = -grid[:, 0] * torch.sin(angle)[:, None] + grid[:, 1] * torch.cos(angle)[:, None]
+    return torch.exp(-(u**2) / (2 * 0.3**2) - v**2 / (2 * 0.1**2)).reshape(n, 1, size, size)
+
+
+def _principal_axis_angle(images):
+    """Major-axis angle (counter-clockwise from +x, modulo pi) of each image from its second moments."""
+    import torch
+
+    from pyro_svae.coords import pixel_grid
+
+    grid = pixel_grid(images.shape[-2], images.shape[-1])
+    w = images.sum(1).flatten(1)
+    w = w / w.sum(1, keepdim=True)
+    x, y = grid[:, 0], grid[:, 1]
+    mx, my = (w * x).sum(1, keepdim=True), (w * y).sum(1, keepdim=True)
+    cxx, cyy = (w * (x - mx) ** 2).sum(1), (w * (y - my) ** 2).sum(1)
+    cxy = (w * (x - mx) * (y - my)).sum(1)
+    return 0.5 * torch.atan2(2 * cxy, cxx - cyy)
+
+
+def test_equivariance_correlation_of_a_principal_axis_estimator_and_of_noise():
+    import torch
+
+    images = _elongated_blobs(200, 33, seed=0)
+    angles = (torch.rand(200, generator=torch.Generator().manual_seed(1)) * 2 - 1) * math.pi
+    # the estimator is only defined modulo pi, so it is equivariant with symmetry 2
+    assert M.equivariance_correlation(_principal_axis_angle, images, angles, symmetry=2) > 0.98
+    # and it does follow the counter-clockwise convention: a sign error gives a negative value
+    assert M.equivariance_correlation(lambda x: -_principal_axis_angle(x), images, angles, symmetry=2) < -0.9
+    generator = torch.Generator().manual_seed(2)
+    random = M.equivariance_correlation(
+        lambda x: (torch.rand(x.shape[0], generator=generator) * 2 - 1) * math.pi, images, angles
+    )
+    assert abs(random) < 0.2
+    with pytest.raises(ValueError, match="one angle per image"):
+        M.equivariance_correlation(_principal_axis_angle, images, angles[:5])
