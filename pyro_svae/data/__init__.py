@@ -17,6 +17,7 @@ from .particles import (
     write_particles,
     write_posterior_star,
 )
+from .simulate import hinge_model, hinge_weights, read_atomic_model, read_density_map, simulate_particles
 
 BUILTIN = {
     "rotated_mnist": lambda **kw: rotated_mnist(**kw),
@@ -53,4 +54,9 @@ __all__ = [
     "preprocess_particles",
     "relion_to_pose",
     "pose_to_relion",
+    "hinge_model",
+    "hinge_weights",
+    "read_atomic_model",
+    "read_density_map",
+    "simulate_particles",
 ]
