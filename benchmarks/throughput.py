@@ -16,6 +16,15 @@ the two really compute the same thing.
     python benchmarks/throughput.py                       # paper size (500x2) and 2x128
     python benchmarks/throughput.py --threads 1 --repeats 9
     python benchmarks/throughput.py --profile             # torch.profiler tables of both at 500x2
+    python benchmarks/throughput.py --speed               # precision / compile / subsample table
+
+``--speed`` prints, in one run, images/s of the paper-size training step (500x2, batch 100, 28x28) in
+fp32 and bf16 autocast, with and without ``torch.compile`` of the decoder, with every pixel and with
+pixel-subsampled ELBOs (50 %, 25 %), against the raw-PyTorch fp32 reference of the same math; the bare
+matmul GFLOP/s at the dominant shape (batch x pixels rows by hidden x hidden) as the ceiling and the
+step's effective matmul GFLOP/s; and the peak resident memory of one step (Linux: ``VmHWM`` after
+resetting it through ``/proc/self/clear_refs``). On CUDA (``--device cuda``) the same table with
+fp32, bf16 and fp16 and peak memory from ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from torch import nn
 from pyro_svae import AmortizedGuide, SpatialVAE
 from pyro_svae.coords import pixel_grid
 from pyro_svae.data import posed_mnist
+from pyro_svae.infer import precision_context
 
 DATA_SIZE = 4000  # training-set size used for the plate scaling (the reference figures' 4,000 digits)
 
@@ -247,6 +257,153 @@ def benchmark(hidden: int, layers: int, vanilla: bool, args, batches) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# Precision, compilation and pixel subsampling (issue #10)
+# --------------------------------------------------------------------------------------------------
+def bare_matmul_gflops(
+    rows: int, hidden: int, dtype: torch.dtype, device: torch.device, repeats: int
+) -> float:
+    """GFLOP/s of ``(rows x hidden) @ (hidden x hidden)``: the ceiling of the decoder's dominant layer."""
+    a = torch.randn(rows, hidden, device=device).to(dtype)
+    w = torch.randn(hidden, hidden, device=device).to(dtype)
+    for _ in range(2):
+        a @ w
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        began = time.perf_counter()
+        a @ w
+        _sync(device)
+        times.append(time.perf_counter() - began)
+    return 2 * rows * hidden * hidden / statistics.median(times) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_step_memory_mib(step, images, device: torch.device) -> float | None:
+    """Peak memory of one step above what was resident before it (MiB)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step(images)
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak resident set size (VmHWM) to the current one
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS")
+    step(images)
+    peak = _rss_kib("VmHWM")
+    return None if before is None or peak is None else (peak - before) / 1024
+
+
+def matmul_flops_per_image(hidden: int, layers: int, pixels: int, z_dim: int = 2) -> float:
+    """Multiply-add FLOPs of one image's forward + backward through encoder and spatial decoder
+    (3x the forward: the backward computes input and weight gradients)."""
+    decoder = pixels * (2 * hidden + (layers - 1) * hidden * hidden + hidden)  # per pixel, per image
+    encoder = pixels * hidden + (layers - 1) * hidden * hidden + hidden * 2 * (z_dim + 3)
+    return 3 * 2 * (decoder + encoder + z_dim * hidden)
+
+
+def speed_table(args, batches: list[torch.Tensor]) -> None:
+    device = torch.device(args.device)
+    hidden, layers = 500, 2
+    pixels = 28 * 28
+    batches = [b.to(device) for b in batches]
+    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    configs = [(p, False, None) for p in precisions]
+    configs += [(p, True, None) for p in precisions]
+    configs += [(p, False, k) for p in precisions for k in (pixels // 2, pixels // 4)]
+
+    torch.manual_seed(0)
+    raw = RawVAE(hidden=hidden, layers=layers).to(device)
+    raw_opt = torch.optim.Adam(raw.parameters(), lr=args.lr)
+
+    def raw_step(images):
+        raw_opt.zero_grad(set_to_none=True)
+        raw.loss(images, DATA_SIZE, kl=args.kl).backward()
+        raw_opt.step()
+
+    steps = {"raw fp32 reference": raw_step}
+    for precision, compiled, subsample in configs:
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        model = SpatialVAE(
+            (28, 28), 2, hidden_dim=hidden, num_layers=layers, pixel_subsample=subsample, compile=compiled
+        ).to(device)
+        guide = AmortizedGuide(model, hidden_dim=hidden, num_layers=layers).to(device)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": args.lr}), Trace_ELBO())
+        autocast = precision_context(precision, device)
+
+        def step(images, svi=svi, autocast=autocast):
+            with autocast:
+                svi.step(images, data_size=DATA_SIZE)
+
+        share = "100 %" if subsample is None else f"{100 * subsample // pixels} %"
+        steps[f"pyro {precision}{' compiled' if compiled else ''}, pixels {share}"] = step
+
+    for step in steps.values():  # warm-up (and compilation) outside the timings
+        time_steps(step, batches, 0, args.warmup)
+    memory = {name: peak_step_memory_mib(step, batches[0], device) for name, step in steps.items()}
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(device)
+            times[name].append(time_steps(steps[name], batches, r, 1))
+            _sync(device)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    rows = args.batch_size * pixels
+    ceiling = {
+        p: bare_matmul_gflops(rows, hidden, dt, device, 5)
+        for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
+        if p in precisions
+    }
+    flops = matmul_flops_per_image(hidden, layers, pixels) * args.batch_size
+    reference = med["raw fp32 reference"]
+    header = (
+        f"| {'configuration':34} | {'img/s':>7} | {'ms/step':>8} | {'x raw fp32':>10} | "
+        f"{'eff. GFLOP/s':>12} | {'% of ceiling':>12} | {'peak MiB':>8} |"
+    )
+    print(f"\n{device.type}: paper-size step (500x2, batch {args.batch_size}, 28x28), {args.repeats} timings")
+    print(header)
+    print(re.sub(r"[^|]", "-", header))
+    for name in names:
+        precision = "fp32" if name.startswith("raw") else name.split()[1]
+        full = "100 %" in name or name.startswith("raw")
+        gflops = flops / med[name] / 1e9 if full else float("nan")
+        share = 100 * gflops / ceiling[precision] if full else float("nan")
+        mem = memory[name]
+        print(
+            f"| {name:34} | {args.batch_size / med[name]:7.0f} | {1e3 * med[name]:8.1f} | "
+            f"{reference / med[name]:10.2f} | {gflops:12.0f} | {share:12.0f} | "
+            f"{'n/a' if mem is None else f'{mem:8.0f}':>8} |"
+        )
+    print(
+        "ceiling (bare matmul "
+        + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in ceiling.items())
+        + f" at {rows} x {hidden} by {hidden} x {hidden}); eff. GFLOP/s = matmul FLOPs of the step "
+        "(encoder + decoder, forward + backward) / step time, for full-pixel steps."
+    )
+
+
 def profile(result: dict, batches, rows: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -276,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-validation", action="store_true", help="pyro.enable_validation(False) for the Pyro side"
     )
+    parser.add_argument("--speed", action="store_true", help="only the precision/compile/subsample table")
+    parser.add_argument("--device", default="cpu", help="device of the --speed table (cpu or cuda)")
     parser.add_argument(
         "--variants",
         action="store_true",
@@ -294,6 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     train, _ = posed_mnist(rotation="normal", translation_std=1.4, split="head", seed=0)
     g = torch.Generator().manual_seed(0)
     batches = [train.images[torch.randperm(len(train), generator=g)[: args.batch_size]] for _ in range(8)]
+    if args.speed:
+        speed_table(args, batches)
+        return
 
     results = []
     for size in args.sizes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ACTIVATIONS", "make_activation", "mlp_tail", "SpatialDecoder", "VanillaDecoder"]
@@ -33,6 +34,27 @@ def _check_sizes(hidden_dim: int, num_layers: int, out_dim: int) -> None:
         )
 
 
+_FUNCTIONAL = {"tanh": torch.tanh, "relu": F.relu, "leaky_relu": F.leaky_relu, "silu": F.silu}
+
+
+def _spatial_forward(
+    coords: torch.Tensor,
+    latent: torch.Tensor | None,
+    linears: list[tuple[torch.Tensor, torch.Tensor]],
+    activation: str,
+) -> torch.Tensor:
+    """The spatial decoder as a pure function of its weights (what ``torch.compile`` traces): the
+    coordinate projection ``linears[0]`` plus the broadcast latent projection, then the MLP tail."""
+    act = _FUNCTIONAL[activation]
+    weight, bias = linears[0]
+    hidden = F.linear(coords, weight, bias)
+    if latent is not None:
+        hidden = hidden + latent.unsqueeze(-2)
+    for weight, bias in linears[1:]:
+        hidden = F.linear(act(hidden), weight, bias)
+    return hidden
+
+
 class SpatialDecoder(nn.Module):
     """The paper's spatial generator: pixel value parameters as a function of (coordinate, z).
 
@@ -50,19 +72,26 @@ class SpatialDecoder(nn.Module):
         num_layers: int = 2,
         activation: str = "tanh",
         coord_dim: int = 2,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         _check_sizes(hidden_dim, num_layers, out_dim)
         self.z_dim, self.out_dim, self.coord_dim = z_dim, out_dim, coord_dim
+        self.activation = activation
         self.coord_linear = nn.Linear(coord_dim, hidden_dim)
         self.latent_linear = nn.Linear(z_dim, hidden_dim, bias=False) if z_dim > 0 else None
         self.tail = mlp_tail(hidden_dim, num_layers, out_dim, activation)
+        # compiled as a function of the weights, so that module attribute lookups (Pyro's param store
+        # behind PyroModule) stay outside the traced graph
+        self._forward_fn = torch.compile(_spatial_forward, dynamic=None) if compile else _spatial_forward
 
     def forward(self, coords: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        hidden = self.coord_linear(coords)
+        latent = None
         if self.latent_linear is not None and z is not None:
-            hidden = hidden + self.latent_linear(z).unsqueeze(-2)
-        return self.tail(hidden)
+            latent = self.latent_linear(z)
+        linears = [(self.coord_linear.weight, self.coord_linear.bias)]
+        linears += [(m.weight, m.bias) for m in self.tail if isinstance(m, nn.Linear)]
+        return self._forward_fn(coords, latent, linears, self.activation)
 
 
 class VanillaDecoder(nn.Module):

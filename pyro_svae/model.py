@@ -85,6 +85,9 @@ class SpatialVAE(PyroModule):
     estimate of the same ELBO at about ``k / (H W)`` of the decoder's cost. In ``eval()`` mode every pixel is
     scored, so :func:`~pyro_svae.infer.evaluate` reports the exact ELBO.
 
+    ``compile=True`` runs the decoder through ``torch.compile`` (see ``benchmarks/throughput.py --speed``
+    for when it pays).
+
     ``rotation_bins = K`` adds a discrete site ``theta_bin`` before ``theta``: K bins centred at
     ``2 pi k / K`` (wrapped to ``[-pi, pi)``), ``p(bin = k)`` proportional to the theta prior's density at
     the bin centre, and ``theta | bin ~ N(centre, pi / K)``, so that the bins tile the theta prior (a
@@ -111,6 +114,7 @@ class SpatialVAE(PyroModule):
         scale_prior_std: float = 0.25,
         ctf: bool = False,
         pixel_subsample: int | None = None,
+        compile: bool = False,
         likelihood: str | nn.Module = "bernoulli",
         hidden_dim: int = 500,
         num_layers: int = 2,
@@ -131,6 +135,8 @@ class SpatialVAE(PyroModule):
             raise ValueError(
                 f"rotation_bins must be an integer >= 2 on a model that rotates, got {rotation_bins!r}"
             )
+        if vanilla and compile:
+            raise ValueError("compile applies to the spatial decoder; the vanilla decoder is not compiled")
         if vanilla and (scale or scale_prior is not None):
             raise ValueError("vanilla=True has no pose sites: do not combine it with scale or scale_prior")
         self.image_shape = _image_shape(image_shape)
@@ -167,6 +173,7 @@ class SpatialVAE(PyroModule):
             "scale_prior_std": scale_prior_std,
             "ctf": self.ctf,
             "pixel_subsample": pixel_subsample,
+            "compile": bool(compile),
             "likelihood": likelihood if isinstance(likelihood, str) else type(likelihood).__name__,
             "hidden_dim": hidden_dim,
             "num_layers": num_layers,
@@ -212,7 +219,12 @@ class SpatialVAE(PyroModule):
             )
         else:
             decoder = SpatialDecoder(
-                z_dim, out_dim, hidden_dim=hidden_dim, num_layers=num_layers, activation=activation
+                z_dim,
+                out_dim,
+                hidden_dim=hidden_dim,
+                num_layers=num_layers,
+                activation=activation,
+                compile=compile,
             )
         self.decoder = decoder
         self.register_buffer("grid", pixel_grid(height, width), persistent=False)

@@ -270,3 +270,15 @@ def test_pixel_subsampling_is_an_unbiased_estimate_of_the_full_log_likelihood():
         small_model(pixel_subsample=9, ctf=True, likelihood="gaussian")
     with pytest.raises(ValueError, match="pixel_subsample"):
         small_model(pixel_subsample=37)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_computes_the_same_images():
+    torch.manual_seed(0)
+    plain = small_model()
+    compiled = small_model(compile=True)
+    compiled.load_state_dict(plain.state_dict())
+    z, theta, dx = torch.randn(4, 3), torch.randn(4), torch.randn(4, 2) * 0.1
+    assert torch.allclose(compiled.render(z, theta, dx), plain.render(z, theta, dx), atol=1e-5)
+    with pytest.raises(ValueError, match="compile"):
+        small_model(vanilla=True, compile=True)
