@@ -32,7 +32,14 @@ from pyro.infer.util import torch_item, zero_grads
 
 from .checkpoint import get_rng_state, set_rng_state
 
-__all__ = ["Ranks", "launched_by_torchrun", "setup", "single_process"]
+__all__ = [
+    "Ranks",
+    "from_main_process",
+    "is_main_process",
+    "launched_by_torchrun",
+    "setup",
+    "single_process",
+]
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -258,3 +265,20 @@ def setup(device: torch.device, distributed: bool | None = None) -> Ranks:
     if backend == "nccl" and device.type != "cuda":
         raise RuntimeError(f"the process group uses nccl, which needs CUDA tensors, but device is {device}")
     return Ranks(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=device)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an initialized process group, or a process on its own (the one that writes files)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def from_main_process(obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank of an initialized process group; else ``obj``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    device = None
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -163,3 +168,24 @@ def test_distributed_true_needs_torchrun_environment(monkeypatch):
     with pytest.raises(RuntimeError, match="torchrun"):
         setup(torch.device("cpu"), distributed=True)
     assert not setup(torch.device("cpu"), distributed=None).active
+
+
+@pytest.mark.slow  # about 10 s: torchrun, two interpreters, final evaluation and figures
+def test_cli_trains_under_torchrun_with_two_processes(tmp_path):
+    """The README's command: ``torchrun --nproc-per-node 2 pyro-svae train --distributed``."""
+    beside = Path(sys.executable).with_name("pyro-svae")
+    script = str(beside) if beside.exists() else shutil.which("pyro-svae")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if script is None or not torchrun.exists():
+        pytest.skip("the pyro-svae console script or torchrun is not installed")
+    np.save(tmp_path / "images.npy", _data().repeat(3, 1, 1, 1).squeeze(1).numpy())
+    out = tmp_path / "run"
+    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", script, "train", "--distributed"]
+    command += ["--data", str(tmp_path / "images.npy"), "--test-size", "8", "--epochs", "2"]
+    command += ["--hidden-dim", "16", "--eval-particles", "2", "--posterior-draws", "2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("epoch 2/2") == 1, done.stdout  # rank 0 alone reports
+    assert (out / "summary.json").is_file() and (out / "metrics.csv").is_file()
+    assert len(load_checkpoint(out / "checkpoint.pt")["rng_ranks"]) == 2

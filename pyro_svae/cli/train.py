@@ -16,7 +16,7 @@ from typing import Any
 import pyro
 import torch
 
-from .. import runs
+from .. import distributed, runs
 from ..checkpoint import load_checkpoint
 from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Options a resumed run may change; every other setting comes from the run's config.json.
-RESUMABLE = ("epochs", "device", "no_progress", "resume")
+RESUMABLE = ("epochs", "device", "no_progress", "resume", "distributed")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +195,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     add_device_arg(training, default=None)
     training.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over the processes torchrun starts (one per GPU on CUDA); launch with "
+        "`torchrun --nproc-per-node N $(which pyro-svae) train --distributed ...`",
+    )
+    training.add_argument(
         "--seed", type=non_negative_int, metavar="N", help=f"random seed (default: {d['seed']})"
     )
     training.add_argument(
@@ -323,12 +329,16 @@ def _epoch_line(epoch: int, epochs: int, records: dict[str, dict[str, Any]]) -> 
 
 
 def _say(*lines: str) -> None:
+    if not distributed.is_main_process():
+        return
     for line in lines:
         print(line, flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
     """Train a new run, or continue one with ``--resume``; returns the exit status."""
+    if args.distributed:  # join torchrun's process group first: rank 0 alone writes the run folder
+        distributed.setup(resolve_device(_value(args, "device")), True)
     if args.resume is not None:
         return _resume(args)
     _check_contradictions(args)
@@ -353,8 +363,10 @@ def main(args: argparse.Namespace) -> int:
     config = runs.make_config(model, guide, data=spec, training=training)
     label = spec.get("builtin") or Path(spec["file"]["path"]).name.split(".")[0]
     out = args.out or runs.new_run_dir(DEFAULTS["runs_dir"], label)
-    folder = runs.prepare_run_folder(out, overwrite=bool(args.overwrite))
-    runs.write_json(folder.config, config)
+    if distributed.is_main_process():
+        folder = runs.prepare_run_folder(out, overwrite=bool(args.overwrite))
+        runs.write_json(folder.config, config)
+    folder = runs.RunFolder(Path(distributed.from_main_process(str(out))))
     return _train(args, folder, config, model, guide, train, test, device, previous=[])
 
 
@@ -384,7 +396,7 @@ def _resume(args: argparse.Namespace) -> int:
     runs.check_images(train, test, config["model"].get("likelihood", "bernoulli"))
     pyro.clear_param_store()
     model, guide = runs.build_model(config)
-    if epochs != training.get("epochs"):
+    if epochs != training.get("epochs") and distributed.is_main_process():
         training["epochs"] = epochs
         runs.write_json(folder.config, config)
     return _train(args, folder, config, model, guide, train, test, device, previous=list(state["history"]))
@@ -416,7 +428,8 @@ def _train(
 
     def on_epoch(epoch: int, epoch_records: dict[str, dict[str, Any]]) -> None:
         records.extend(epoch_records.values())
-        runs.write_metrics(folder.metrics, records)
+        if distributed.is_main_process():
+            runs.write_metrics(folder.metrics, records)
         _say(_epoch_line(epoch, epochs, epoch_records))
 
     guard = InterruptGuard()
@@ -437,10 +450,15 @@ def _train(
                 checkpoint=folder.checkpoint,
                 resume=resume,
                 extra_state={"run_config": runs.model_config(model, guide)},
+                distributed=bool(args.distributed),
             )
+            if not distributed.is_main_process():
+                return 0
             runs.write_metrics(folder.metrics, history.records)
             _finish(folder, config, model, guide, train, test, device, history, started)
     except KeyboardInterrupt:
+        if not distributed.is_main_process():
+            return guard.exit_code
         return _interrupted(folder, guard.exit_code)
     return 0
 
