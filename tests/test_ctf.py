@@ -192,8 +192,9 @@ POSE_TOLERANCE = 0.03
             33,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="odd boxes: relion_to_pose rotates about pixel N/2 = 16.5, relion_project about "
-                "N//2 + 1 = 17 (RELION's documented centre is N//2 = 16); RELION supports even boxes only",
+                reason="odd boxes: relion_to_pose rotates about RELION's documented centre N//2 = 16, "
+                "relion_project 3.1.3 about N//2 + 1 = 17 (its projector pads to an even size); RELION "
+                "supports even boxes only",
             ),
         ),
     ],

@@ -3,10 +3,11 @@
 Pose conventions. An MRC image array ``a[row, col]`` is shown by RELION with columns as +x and rows as +y
 (row 0 at the bottom); pyro_svae shows the same array with row 0 at the *top* (``y`` up, see
 :mod:`pyro_svae.coords`). RELION's ``rlnAnglePsi = psi`` turns the content *clockwise* in its frame about
-pixel ``(N/2, N/2)``; a vertical flip turns clockwise into counter-clockwise, so in pyro_svae's frame the
-content turns counter-clockwise by ``theta = psi`` (radians). A positive origin ``(ox, oy)`` (pixels) moves
-the content by ``(-ox, -oy)`` in RELION's frame, i.e. by ``(-ox, +oy)`` pixels in ours. The rotation centre
-``c`` (pixel ``N/2``) is half a pixel off the grid centre ``(N - 1)/2`` of pyro_svae's grid, so the content
+pixel ``(N // 2, N // 2)``; a vertical flip turns clockwise into counter-clockwise, so in pyro_svae's
+frame the content turns counter-clockwise by ``theta = psi`` (radians). A positive origin ``(ox, oy)``
+(pixels) moves the content by ``(-ox, -oy)`` in RELION's frame, i.e. by ``(-ox, +oy)`` pixels in ours.
+The rotation centre ``c`` (pixel ``N // 2``) is half a pixel off the grid centre ``(N - 1)/2`` of
+pyro_svae's grid for even boxes (RELION's only supported case; on it for odd ones), so the content
 shift in grid units is ``dx = s + c - R(theta) c`` with ``s`` the converted origin shift.
 
 Files. Stacks are read with :mod:`mrcfile` (``.mrcs``/``.mrc``) or numpy (``.npy``), STAR files with
@@ -88,8 +89,9 @@ def _grid_units_per_pixel(box_size: int) -> float:
 
 
 def _relion_centre(box_size: int) -> np.ndarray:
-    """RELION's rotation centre (pixel ``N/2`` on both axes) in pyro_svae grid units ``(x, y)``."""
-    offset = (box_size / 2 - (box_size - 1) / 2) * _grid_units_per_pixel(box_size)
+    """RELION's rotation centre (pixel ``N // 2`` on both axes, Xmipp's origin) in pyro_svae grid units
+    ``(x, y)``: half a pixel off the grid centre for even boxes, on it for odd ones."""
+    offset = (box_size // 2 - (box_size - 1) / 2) * _grid_units_per_pixel(box_size)
     return np.array([offset, -offset])
 
 
