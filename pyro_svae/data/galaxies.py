@@ -44,7 +44,8 @@ def _clipped_stats(values: np.ndarray, *, clip: float = 3.0, iterations: int = 5
 def _spike_score(image: np.ndarray, labels: np.ndarray, label: int, py: int, px: int) -> float:
     """How strongly the light around pixel ``(py, px)`` concentrates along four perpendicular arms.
 
-    ``image`` is background-subtracted and non-negative. Pixels at 5-30 px from the peak that belong to no
+    ``image`` is the brightest channel, background-subtracted and non-negative (the two sets of spikes
+    of this image differ in colour). Pixels at 5-30 px from the peak that belong to no
     other source are divided by the median of their 1-px ring (so the radial profile drops out), averaged in
     5-degree angle bins, folded into one quadrant; the score is, at the best orientation, the mean of the
     faintest of the four arms. A smooth galaxy scores ~1, an elongated one below 1 (its minor axis is
@@ -377,16 +378,23 @@ def simulated_galaxies(
     the content turned counter-clockwise: ``"uniform"``, ``"normal"`` with ``theta_std``, or ``"none"``),
     ``dx`` (grid units; drawn as ``N(0, shift_std)`` pixels), ``scale`` (size relative to the reference
     galaxy, log-uniform in ``scale_range``), factors ``axis_ratio``, ``bulge_fraction`` (of the light) and
-    ``log_scale``. A galaxy is its pose-zero image posed like :func:`pyro_svae.coords.transform_images`
-    (surface brightness kept, so the flux grows with ``scale**2``); ``tests/test_galaxies.py`` checks it.
+    ``log_scale``. A galaxy is its pose-zero galaxy posed like :func:`pyro_svae.coords.transform_images`
+    poses images (surface brightness kept, so the flux grows with ``scale**2``); the pose acts on the galaxy
+    before the PSF and the pixels, so resampling the pose-zero *image* matches the drawn one closely for
+    ``theta`` and ``dx`` and only roughly for ``scale`` (the bulge's cusp is barely resolved).
+    ``tests/test_galaxies.py`` checks the signs. Content (shape, colours, knots) is drawn from ``seed``
+    independently of the pose options, so two calls that differ only in them draw the same galaxies.
     Without knots the galaxies are symmetric under a half turn, so ``theta`` is defined modulo ``pi``
     (compare with ``symmetry=2``); knots break the symmetry.
 
     Intensities: one constant for all images puts the peak of the most concentrated possible galaxy
-    (largest bulge fraction, smallest axis ratio, ``scale = 1``, no knots) at ``1 - background`` in its
-    brightest channel; then the sky ``background`` and Gaussian ``noise`` (std) are added and values
-    clipped to ``[0, 1]`` (bright knots may saturate). Speed: about 200 galaxies/s at 64 x 64 on one CPU
-    core. Needs GalSim (``pip install pyro_svae[galaxies]``).
+    (largest bulge fraction, smallest axis ratio, ``scale = 1``, no knots) at 1 in its brightest channel;
+    a colour-preserving asinh stretch follows, as in colour composites of Hubble images (each pixel's RGB
+    times ``asinh(stretch * I) / (stretch * I)``, ``I`` the mean of its channels; ``stretch = 0`` keeps
+    intensities linear), rescaled so that galaxy peaks at ``1 - background``; then the sky ``background``
+    and Gaussian ``noise`` (std) are added and values clipped to ``[0, 1]`` (bright knots may saturate).
+    Speed: about 200 galaxies/s at 64 x 64 on one CPU core (two GalSim FFT draws each), about 100/s with
+    20 knots. Needs GalSim (the ``galaxies`` extra).
     """
     try:
         import galsim
