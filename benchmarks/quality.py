@@ -34,6 +34,7 @@ epoch to that value (``pyro.optim.ExponentialLR``), a "better schedule" to be la
     python benchmarks/quality.py --threads 1 --out /tmp/quality.json
     python benchmarks/quality.py --lr 1e-3 --lr-final 1e-4 --threads 1 --out /tmp/quality_fast.json
     python benchmarks/quality.py --epochs 2 --configs rot-strat   # smoke run
+    python benchmarks/quality.py --configs rottrans-strat --precision bf16   # training under bf16 autocast
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def run_one(config: str, kind: str, train, test, args) -> dict:
         seed=args.seed,
         progress=False,
         callbacks=callbacks,
+        precision=args.precision,
     )
     train_seconds = time.perf_counter() - started
     last = history.last("test")
@@ -235,6 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of training (data use seed 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON with results and curves")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="autocast of the training steps (evaluation is always float32)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         f"threads {torch.get_num_threads()}; {args.epochs} epochs, batch {args.batch_size}, "
         f"{schedule}, {args.loss} ELBO, z_dim {args.z_dim}, {args.hidden}x{args.layers} tanh MLPs, "
         "Bernoulli, "
-        f"seed {args.seed}"
+        f"seed {args.seed}, training precision {args.precision}"
     )
     print(setup, flush=True)
     started = time.perf_counter()
