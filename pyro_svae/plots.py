@@ -9,7 +9,10 @@ needed); save it with ``fig.savefig(path)``. The two helpers that touch a model,
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,8 @@ __all__ = [
     "reconstructions_figure",
     "theta_scatter_figure",
     "image_grid_figure",
+    "traversal_latents",
+    "traversal_animation",
 ]
 
 _SPLIT_STYLE = {"train": {"color": "tab:blue"}, "test": {"color": "tab:orange"}}
@@ -252,3 +257,119 @@ def image_grid_figure(images: Any, *, columns: int = 8, title: str | None = None
     if title:
         ax.set_title(title, fontsize=10)
     return figure
+
+
+# --------------------------------------------------------------------------------------------------
+# Traversal animation
+# --------------------------------------------------------------------------------------------------
+TRAVERSAL_PROBABILITIES = (0.025, 0.975)  # the traversal spans the central 95 % of its distribution
+
+
+@torch.no_grad()
+def traversal_latents(
+    model, *, steps: int = 24, dim: int = 0, means: Any | None = None
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``(z, values, label)`` of a traversal: ``z`` ``(steps, z_dim)``, its coordinate ``(steps,)``.
+
+    Without ``means`` (or with ``z_dim = 1``): coordinate ``dim`` of ``z`` runs over the prior's
+    quantiles from 2.5 % to 97.5 %, the other coordinates at the prior's median. With posterior means
+    ``(N, z_dim)`` and ``z_dim > 1``: ``z`` runs along the ``dim``-th principal axis of the means
+    (sign chosen so the axis' largest component is positive), through their centre, from -1.96 to +1.96
+    standard deviations of the means along that axis (the 2.5 % and 97.5 % quantiles of a normal fit),
+    so the traversal follows the direction in which the data's content varies most.
+    """
+    if steps < 2:
+        raise ValueError(f"a traversal needs at least 2 steps, got {steps}")
+    z_dim = int(model.z_dim)
+    device = model.grid.device
+    if means is not None and z_dim > 1:
+        points = torch.as_tensor(_numpy(means), dtype=torch.float32)
+        if points.ndim != 2 or points.shape[1] != z_dim or points.shape[0] < 2:
+            raise ValueError(f"means must be (N >= 2, {z_dim}), got shape {tuple(points.shape)}")
+        if not 0 <= dim < z_dim:
+            raise ValueError(f"dim must be in [0, {z_dim}), got {dim}")
+        centre = points.mean(0)
+        _, singular, vh = torch.linalg.svd(points - centre, full_matrices=False)
+        axis = vh[dim]
+        axis = axis * torch.sign(axis[axis.abs().argmax()])
+        spread = float(singular[dim]) / math.sqrt(points.shape[0] - 1)
+        normal = torch.distributions.Normal(0.0, 1.0)
+        low, high = (float(normal.icdf(torch.tensor(p))) * spread for p in TRAVERSAL_PROBABILITIES)
+        t = torch.linspace(low, high, steps)
+        z = centre + t[:, None] * axis
+        return z.to(device), t, f"posterior-mean PC {dim + 1}"
+    if not 0 <= dim < z_dim:
+        raise ValueError(f"dim must be in [0, {z_dim}), got {dim}")
+    prior = model.z_prior()
+    low, high = TRAVERSAL_PROBABILITIES
+    probabilities = torch.linspace(low, high, steps, device=device)
+    quantiles = _prior_quantiles(prior, probabilities)  # (steps, z_dim)
+    median = _prior_quantiles(prior, torch.full((1,), 0.5, device=device))[0]
+    z = median.expand(steps, z_dim).clone()
+    z[:, dim] = quantiles[:, dim]
+    return z, quantiles[:, dim].float().cpu(), f"$z_{{{dim + 1}}}$"
+
+
+@torch.no_grad()
+def traversal_animation(
+    model,
+    path: str | os.PathLike,
+    *,
+    steps: int = 24,
+    dim: int = 0,
+    means: Any | None = None,
+    fps: int = 8,
+    dpi: int = 80,
+) -> Path:
+    """Write an animated GIF decoding ``z`` along a traversal (:func:`traversal_latents`), one frame per
+    step, at ``theta = 0``, ``dx = 0`` (and ``scale = 1``); returns ``path``.
+
+    Uses :class:`matplotlib.animation.FuncAnimation` with the Pillow writer; the file is written to a
+    temporary name and moved into place. Every frame shares one grey (or colour) range, and its title
+    gives the traversal coordinate, so the ``steps`` frames are all distinct.
+    """
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    z, values, label = traversal_latents(model, steps=steps, dim=dim, means=means)
+    zeros = z.new_zeros(z.shape[:-1])
+    theta = zeros if getattr(model, "rotate", False) else None
+    dx = z.new_zeros((*z.shape[:-1], 2)) if getattr(model, "translate", False) else None
+    scale = z.new_ones(z.shape[:-1]) if getattr(model, "scale", False) else None
+    was_training = model.training
+    model.eval()
+    try:
+        images = model.decode(z, theta, dx, scale) if scale is not None else model.decode(z, theta, dx)
+    finally:
+        model.train(was_training)
+    frames = _numpy(images)  # (steps, C, H, W)
+    vmin, vmax = _range(frames)
+    figure = Figure(figsize=(3.0, 3.3))
+    FigureCanvasAgg(figure)
+    ax = figure.add_axes((0.02, 0.02, 0.96, 0.84))
+    canvases = [tile_images(frame[None], 1) for frame in frames]
+    _show(ax, canvases[0], vmin=vmin, vmax=vmax)
+    image = ax.get_images()[0]
+    if canvases[0].ndim == 3:  # colour: one normalization for all frames, as _show does for one
+        low, high = float(np.nanmin(frames)), float(np.nanmax(frames))
+        canvases = [np.nan_to_num((c - low) / max(high - low, 1e-12), nan=1.0) for c in canvases]
+    title = figure.suptitle("", fontsize=9)
+
+    def draw(index: int):
+        image.set_data(canvases[index])
+        title.set_text(f"{label} = {float(values[index]):+.2f}\n" r"$\theta = 0$, $\Delta x = 0$")
+        return image, title
+
+    animation = FuncAnimation(figure, draw, frames=len(canvases), blit=False, repeat=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".gif", dir=path.parent)
+    os.close(fd)
+    try:
+        animation.save(tmp, writer=PillowWriter(fps=fps), dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -93,3 +93,46 @@ def test_theta_scatter_wraps_angles_to_degrees():
     assert np.allclose(points[:, 0], [0.0, 90.0, -90.0], atol=1e-3)
     assert np.allclose(points[:, 1], points[:, 0], atol=1e-3)
     assert "0.990" in figure.axes[0].get_title()
+
+
+# --------------------------------------------------------------------------------------------------
+# traversal animation
+# --------------------------------------------------------------------------------------------------
+def test_traversal_of_one_dimension_spans_the_prior_central_95_percent():
+    model = SpatialVAE((8, 8), 3, hidden_dim=8)
+    z, values, _ = plots.traversal_latents(model, steps=5, dim=1)
+    assert z.shape == (5, 3)
+    expected = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.025, 0.975, 5))
+    assert torch.allclose(z[:, 1], expected, atol=1e-5) and torch.allclose(values, expected, atol=1e-5)
+    assert torch.all(z[:, [0, 2]] == 0)  # the other coordinates at the prior's median
+    with pytest.raises(ValueError, match="dim must be in"):
+        plots.traversal_latents(model, steps=5, dim=3)
+
+
+def test_traversal_along_the_first_principal_axis_of_the_means():
+    model = SpatialVAE((8, 8), 2, hidden_dim=8)
+    generator = torch.Generator().manual_seed(0)
+    t = torch.randn(400, generator=generator)
+    direction = torch.tensor([0.6, -0.8])
+    means = torch.tensor([1.0, 2.0]) + 3.0 * t[:, None] * direction + 0.05 * torch.randn(400, 2)
+    z, values, label = plots.traversal_latents(model, steps=7, means=means)
+    assert "PC 1" in label
+    steps = z[1:] - z[:-1]
+    assert torch.allclose(steps / steps.norm(dim=-1, keepdim=True), -direction.expand(6, 2), atol=0.02)
+    assert torch.allclose(z[3], means.mean(0), atol=1e-4)  # symmetric about the centre
+    assert abs(float(values[-1]) - 1.96 * 3.0) < 0.4  # +1.96 standard deviations along the axis
+
+
+@pytest.mark.parametrize(("shape", "z_dim"), [((1, 10, 10), 1), ((3, 10, 10), 2)])
+def test_traversal_animation_writes_a_gif_with_one_frame_per_step(tmp_path, shape, z_dim):
+    from PIL import Image
+
+    model = SpatialVAE(shape, z_dim, hidden_dim=8, scale=True)
+    means = torch.randn(30, z_dim) if z_dim > 1 else None
+    path = plots.traversal_animation(model, tmp_path / "figures" / "traversal.gif", steps=6, means=means)
+    assert path == tmp_path / "figures" / "traversal.gif"
+    assert [p.name for p in path.parent.iterdir()] == ["traversal.gif"]  # no temporary file left
+    with Image.open(path) as gif:
+        assert gif.format == "GIF" and gif.n_frames == 6 and gif.is_animated
+        gif.seek(5)
+        assert gif.convert("L").getextrema()[1] > 0
