@@ -212,13 +212,14 @@ class Ranks:
         flat[:numel] *= share
         flat[-1] *= share
         dist.all_reduce(flat)
+        *flags, total_loss = flat[numel:].tolist()  # one device-to-host copy
         offset = 0
-        for i, p in enumerate(params):
+        for p, flag in zip(params, flags, strict=True):
             size = p.numel()
-            if flat[numel + i] > 0:  # some rank has a gradient; none anywhere: leave it None, as SVI
+            if flag > 0:  # some rank has a gradient; where none has, leave it None, as SVI does
                 p.grad = flat[offset : offset + size].view_as(p).to(p.dtype).clone()
             offset += size
-        return float(flat[-1])
+        return total_loss
 
 
 def single_process(device: torch.device) -> Ranks:
