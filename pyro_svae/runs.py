@@ -8,7 +8,13 @@ Layout of a run folder (see the README)::
       checkpoint.pt    model, guide, optimizer, RNG and history (atomic, loaded with weights_only=True)
       summary.json     final test ELBO, importance-weighted bound, pose/content metrics, time, versions
       posterior.nc     ArviZ InferenceData: posterior draws of z, theta, dx per test image
-      figures/         training_curves.png, manifold.png, reconstructions.png, theta.png
+      particles.star   (particle data) every input particle with posterior means and standard deviations
+      figures/         training_curves.png, manifold.png, reconstructions.png, theta.png, traversal.gif
+
+The data of a run are described in ``config.json`` by a *data spec* (:func:`data_spec`,
+:func:`particle_spec`): a built-in name, or files and folders by absolute path and SHA-256, with the
+preprocessing options and the seeded train/test split, so that a resumed run and ``pyro-svae evaluate``
+rebuild exactly the same images.
 
 Every file is written atomically (temporary file, then rename). This module holds no command-line code:
 it raises :class:`RunError` (a ``ValueError``) with a message for the user and returns data.
@@ -27,7 +33,7 @@ import platform
 import shutil
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +42,21 @@ import torch
 
 from . import metrics as M
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_module_state
-from .data import BUILTIN, DataError, ImageDataset, load_images
+from .data import (
+    BUILTIN,
+    DataError,
+    ImageDataset,
+    load_image_folder,
+    load_images,
+    load_particles,
+    preprocess_particles,
+    write_posterior_star,
+)
+from .data.loaders import _FOLDER_SUFFIXES, _suffix
 from .guides import AmortizedGuide
 from .infer import evaluate, posterior_means, recovery_metrics
 from .model import SpatialVAE
+from .pose_search import PoseSearchGuide
 
 __all__ = [
     "RunError",
@@ -55,7 +72,10 @@ __all__ = [
     "load_trained",
     "check_checkpoint_config",
     "data_spec",
+    "particle_spec",
+    "load_dataset",
     "load_data",
+    "is_particle_spec",
     "check_images",
     "write_metrics",
     "read_metrics",
@@ -65,6 +85,9 @@ __all__ = [
     "load_posterior",
     "final_report",
     "write_figures",
+    "posterior_summaries",
+    "write_particles_star",
+    "write_traversal",
     "environment",
 ]
 
@@ -110,9 +133,14 @@ class RunFolder:
     def figures(self) -> Path:
         return self.root / "figures"
 
+    @property
+    def particles_star(self) -> Path:
+        return self.root / "particles.star"
+
     def outputs(self) -> list[Path]:
         """The run's own files and folders that exist now."""
         paths = [self.config, self.metrics, self.summary, self.checkpoint, self.posterior, self.figures]
+        paths.append(self.particles_star)
         return [path for path in paths if path.exists()]
 
 
@@ -270,12 +298,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_entry(path: str | os.PathLike | None) -> dict[str, str] | None:
+def _folder_images(folder: Path) -> list[Path]:
+    """The files of ``folder`` that :func:`~pyro_svae.data.load_image_folder` reads, in its order."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and _suffix(p) in _FOLDER_SUFFIXES)
+
+
+def _folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in _folder_images(folder):
+        digest.update(f"{path.name}\0{_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_entry(path: str | os.PathLike | None, *, folder: bool = False) -> dict[str, Any] | None:
+    """``{"path", "sha256"}`` of a file; with ``folder``, a folder of images may be given instead
+    (``"folder": true``, the digest over its image files' names and contents)."""
     if path is None:
         return None
     resolved = Path(path).expanduser().resolve()
     if not resolved.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    if folder and resolved.is_dir():
+        try:
+            return {"path": str(resolved), "folder": True, "sha256": _folder_digest(resolved)}
+        except OSError as error:
+            raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
     if not resolved.is_file():
         raise DataError(f"{path}: is not a file")
     try:
@@ -297,10 +344,12 @@ def data_spec(
 ) -> dict[str, Any]:
     """A JSON-able description of the data of a run, from which :func:`load_data` rebuilds it.
 
-    ``data``: a built-in name (``pyro_svae.data.BUILTIN``) or an image file (``.npy``, MNIST IDX).
-    Files are recorded by absolute path and SHA-256. Without ``test_data``, ``test_size`` images of
-    ``data`` (a count, or a fraction when below 1; default 10 %, or 1,000 for built-ins) are held out by
-    a seeded random split. ``train_size`` keeps only the first images of the training split.
+    ``data``: a built-in name (``pyro_svae.data.BUILTIN``), an image file (``.npy``, MNIST IDX) or a folder
+    of images (PNG/JPEG/``.npy``/FITS cut-outs, :func:`~pyro_svae.data.load_image_folder`; no labels).
+    Files are recorded by absolute path and SHA-256, folders by path and a digest of their image files.
+    Without ``test_data``, ``test_size`` images of ``data`` (a count, or a fraction when below 1; default
+    10 %, or the built-in's own split) are held out by a seeded random split.
+    ``train_size`` keeps only the first images of the training split.
     """
     if test_size is not None and not test_size > 0:
         raise ValueError(f"--test-size must be positive (a count, or a fraction below 1), got {test_size}")
@@ -326,21 +375,131 @@ def data_spec(
         raise DataError(
             f"'{data}' is neither a built-in data set ({', '.join(sorted(BUILTIN))}) nor an existing file"
         )
+    for images, image_labels in ((data, labels), (test_data, test_labels)):
+        if images is not None and image_labels is not None and Path(images).is_dir():
+            raise ValueError(f"{images} is a folder of images, which has no labels: drop its labels file")
     spec.update(
-        file=_file_entry(data),
+        file=_file_entry(data, folder=True),
         labels=_file_entry(labels),
-        test_file=_file_entry(test_data),
+        test_file=_file_entry(test_data, folder=True),
         test_labels=_file_entry(test_labels),
         test_size=test_size,
     )
     return spec
 
 
-def _load_file(entry: Mapping[str, str], labels: Mapping[str, str] | None) -> ImageDataset:
+PARTICLE_SUFFIXES = (".star", ".mrcs", ".mrc", ".npy")
+
+
+def particle_spec(
+    particles: str | os.PathLike,
+    *,
+    ctf: str | os.PathLike | None = None,
+    pixel_size: float | None = None,
+    use_ctf: bool = True,
+    box: int | None = None,
+    normalize: bool = True,
+    invert: bool = False,
+    mask_radius: float | None = None,
+    test_size: float | None = None,
+    train_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The data spec of cryo-EM particles (see :func:`data_spec`): a RELION ``.star`` file, or an
+    ``.mrcs``/``.mrc``/``.npy`` stack with an optional CTF ``.star`` file ``ctf`` (same rows, same order).
+
+    ``use_ctf=False`` drops the CTF parameters even when the data carry them; a ``ctf`` file must carry
+    CTF columns. ``pixel_size`` (Å) fills in for data that lack it. The particles are then preprocessed
+    (:func:`~pyro_svae.data.preprocess_particles`: ``invert``, Fourier crop to ``box``, ``normalize``
+    with ``mask_radius``) and split as files are.
+    """
+    if test_size is not None and not test_size > 0:
+        raise ValueError(f"--test-size must be positive (a count, or a fraction below 1), got {test_size}")
+    if train_size is not None and train_size < 1:
+        raise ValueError(f"--train-size must be a positive count, got {train_size}")
+    suffix = Path(particles).suffix.lower()
+    if suffix not in PARTICLE_SUFFIXES:
+        raise DataError(
+            f"{particles}: unknown particle file format {suffix or '(no suffix)'!r} "
+            f"(expected {', '.join(PARTICLE_SUFFIXES)})"
+        )
+    if ctf is not None and suffix == ".star":
+        raise ValueError("--ctf gives the CTF rows of a stack; a STAR file carries its own CTF columns")
+    if ctf is not None and not use_ctf:
+        raise ValueError("--ctf and --no-ctf contradict each other")
+    if pixel_size is not None and not 0 < pixel_size < math.inf:
+        raise ValueError(f"--pixel-size must be a positive number of Å, got {pixel_size}")
+    if box is not None and box < 2:
+        raise ValueError(f"--box must be at least 2 pixels, got {box}")
+    if mask_radius is not None and not mask_radius > 0:
+        raise ValueError(f"--mask-radius must be a positive number of pixels, got {mask_radius}")
+    return {
+        "particles": {
+            "file": _file_entry(particles),
+            "ctf_file": _file_entry(ctf),
+            "pixel_size": pixel_size,
+            "use_ctf": bool(use_ctf),
+            "preprocess": {
+                "box": box,
+                "normalize": bool(normalize),
+                "invert": bool(invert),
+                "mask_radius": mask_radius,
+            },
+        },
+        "test_size": test_size,
+        "train_size": train_size,
+        "seed": seed,
+    }
+
+
+def is_particle_spec(spec: Mapping[str, Any]) -> bool:
+    """Whether a data spec describes cryo-EM particles (a particle file or a particle built-in)."""
+    from .data import PARTICLE_BUILTINS
+
+    return bool(spec.get("particles")) or spec.get("builtin") in PARTICLE_BUILTINS
+
+
+def _check_unchanged(entry: Mapping[str, Any]) -> None:
     path = Path(entry["path"])
-    if path.is_file() and entry.get("sha256") and _sha256(path) != entry["sha256"]:
-        warnings.warn(f"{path} changed since the run was configured (SHA-256 differs)", stacklevel=3)
-    return load_images(path, None if labels is None else labels["path"])
+    if not entry.get("sha256"):
+        return
+    if entry.get("folder"):
+        changed = path.is_dir() and _folder_digest(path) != entry["sha256"]
+    else:
+        changed = path.is_file() and _sha256(path) != entry["sha256"]
+    if changed:
+        warnings.warn(f"{path} changed since the run was configured (SHA-256 differs)", stacklevel=4)
+
+
+def _load_file(entry: Mapping[str, Any], labels: Mapping[str, str] | None) -> ImageDataset:
+    _check_unchanged(entry)
+    if entry.get("folder"):
+        return load_image_folder(entry["path"])
+    return load_images(entry["path"], None if labels is None else labels["path"])
+
+
+def _load_particles(spec: Mapping[str, Any]) -> ImageDataset:
+    entry, ctf_entry = spec["file"], spec.get("ctf_file")
+    for item in (entry, ctf_entry):
+        if item is not None:
+            _check_unchanged(item)
+    use_ctf = bool(spec.get("use_ctf", True))
+    data = load_particles(
+        entry["path"],
+        ctf=None if ctf_entry is None else ctf_entry["path"],
+        pixel_size=spec.get("pixel_size"),
+        require_ctf=ctf_entry is not None and use_ctf,
+    )
+    if not use_ctf and data.ctf is not None:
+        data = replace(data, ctf=None)
+    options = spec.get("preprocess") or {}
+    return preprocess_particles(
+        data,
+        box=options.get("box"),
+        normalize=bool(options.get("normalize", True)),
+        invert=bool(options.get("invert", False)),
+        mask_radius=options.get("mask_radius"),
+    )
 
 
 def _split_count(n: int, test_size: float | None) -> int:
@@ -359,8 +518,18 @@ def _split_count(n: int, test_size: float | None) -> int:
     return count
 
 
+def load_dataset(spec: Mapping[str, Any]) -> ImageDataset:
+    """All images of a file, folder or particle spec, before the train/test split (in the input order;
+    particles preprocessed)."""
+    if spec.get("particles"):
+        return _load_particles(spec["particles"])
+    if spec.get("file"):
+        return _load_file(spec["file"], spec.get("labels"))
+    raise DataError("the data spec names neither a file, a folder, nor particles")
+
+
 def load_data(spec: Mapping[str, Any]) -> tuple[ImageDataset, ImageDataset]:
-    """``(train, test)`` data sets described by :func:`data_spec`."""
+    """``(train, test)`` data sets described by :func:`data_spec` or :func:`particle_spec`."""
     seed = int(spec.get("seed", 0))
     if spec.get("builtin"):
         name = spec["builtin"]
@@ -371,7 +540,7 @@ def load_data(spec: Mapping[str, Any]) -> tuple[ImageDataset, ImageDataset]:
             kwargs["test_size"] = int(spec["test_size"])
         train, test = BUILTIN[name](**kwargs)
     else:
-        full = _load_file(spec["file"], spec.get("labels"))
+        full = load_dataset(spec)
         if spec.get("test_file"):
             train, test = full, _load_file(spec["test_file"], spec.get("test_labels"))
             train.name, test.name = "train", "test"
@@ -414,9 +583,15 @@ def check_images(train: ImageDataset, test: ImageDataset | None, likelihood: str
 # --------------------------------------------------------------------------------------------------
 # Config and model
 # --------------------------------------------------------------------------------------------------
-def model_config(model: SpatialVAE, guide: AmortizedGuide) -> dict[str, Any]:
-    """The part of a config that fixes the networks (and so must match a checkpoint)."""
-    return json.loads(json.dumps({"model": model.config, "guide": guide.config}))
+GUIDE_KINDS = {"amortized": AmortizedGuide, "pose_search": PoseSearchGuide}
+_POSE_SEARCH_ENCODERS = {"RotationEquivariantEncoder": "equivariant", "MLPEncoder": "mlp"}
+
+
+def model_config(model: SpatialVAE, guide: AmortizedGuide | PoseSearchGuide) -> dict[str, Any]:
+    """The part of a config that fixes the networks (and so must match a checkpoint). The guide's
+    ``kind`` (``"amortized"`` or ``"pose_search"``) says which class :func:`build_model` rebuilds."""
+    kind = "pose_search" if isinstance(guide, PoseSearchGuide) else "amortized"
+    return json.loads(json.dumps({"model": model.config, "guide": {"kind": kind, **guide.config}}))
 
 
 def make_config(
@@ -438,19 +613,28 @@ def make_config(
     }
 
 
-def build_model(config: Mapping[str, Any]) -> tuple[SpatialVAE, AmortizedGuide]:
-    """A fresh (untrained) model and guide from a run's config."""
+def build_model(config: Mapping[str, Any]) -> tuple[SpatialVAE, AmortizedGuide | PoseSearchGuide]:
+    """A fresh (untrained) model and guide from a run's config: an :class:`AmortizedGuide` (guide kind
+    ``"amortized"``, the default of configs without one) or a :class:`PoseSearchGuide`
+    (``"pose_search"``)."""
     try:
         model_kwargs = dict(config["model"])
         guide_kwargs = dict(config["guide"])
     except (KeyError, TypeError):
         raise RunError("config.json has no 'model' and 'guide' sections") from None
+    kind = guide_kwargs.pop("kind", "amortized")
+    if kind not in GUIDE_KINDS:
+        raise RunError(f"config.json names a guide kind {kind!r}; expected one of {sorted(GUIDE_KINDS)}")
     encoder = guide_kwargs.pop("encoder", "mlp")
-    if encoder != "mlp":
+    if kind == "amortized" and encoder != "mlp":
         raise RunError(f"config.json names an encoder ({encoder}) that cannot be rebuilt from a config")
+    if kind == "pose_search":
+        if encoder not in _POSE_SEARCH_ENCODERS:
+            raise RunError(f"config.json names an encoder ({encoder}) that cannot be rebuilt from a config")
+        guide_kwargs["encoder"] = _POSE_SEARCH_ENCODERS[encoder]
     try:
         model = SpatialVAE(**model_kwargs)
-        guide = AmortizedGuide(model, **guide_kwargs)
+        guide = GUIDE_KINDS[kind](model, **guide_kwargs)
     except TypeError as error:
         raise RunError(f"config.json does not describe a model this version can build ({error})") from None
     return model, guide
@@ -521,7 +705,13 @@ def posterior_inference_data(
     with the known truth (``theta_true``, ``dx_true``, ``label``) of the images."""
     az = _arviz()
     posterior = {site: np.asarray(values)[None] for site, values in samples.items()}
-    dims: dict[str, list[str]] = {"z": ["image", "z_dim"], "theta": ["image"], "dx": ["image", "xy"]}
+    dims: dict[str, list[str]] = {
+        "z": ["image", "z_dim"],
+        "theta": ["image"],
+        "theta_bin": ["image"],
+        "dx": ["image", "xy"],
+        "scale": ["image"],
+    }
     coords: dict[str, Any] = {"image": np.arange(len(data)), "xy": ["x", "y"]}
     if "z" in samples:
         coords["z_dim"] = np.arange(samples["z"].shape[-1])
@@ -532,6 +722,9 @@ def posterior_inference_data(
     if data.dx is not None:
         constant["dx_true"] = data.dx.numpy()
         dims["dx_true"] = ["image", "xy"]
+    if data.scale is not None:
+        constant["scale_true"] = data.scale.numpy()
+        dims["scale_true"] = ["image"]
     if data.labels is not None:
         constant["label"] = data.labels.numpy()
         dims["label"] = ["image"]
@@ -595,6 +788,9 @@ def final_report(
     report.update(recovery_metrics(means, test, train_means=train_means, train=train))
     if test.labels is not None and len(torch.unique(test.labels)) > 1:
         report["clustering_accuracy"] = M.clustering_accuracy(means["z"], test.labels)
+    for name, factor in test.factors.items():  # e.g. the conformation of simulated particles
+        if len(test) > 2 and float(factor.std()) > 0:
+            report[f"z_spearman_{name}"] = M.best_spearman(means["z"], factor)[0]
     return report, means
 
 
@@ -660,6 +856,149 @@ def write_figures(
         figure = plots.theta_scatter_figure(means["theta"], test.theta, circular_correlation=correlation)
         written.append(_save(figure, folder / "theta.png"))
     return written
+
+
+def write_traversal(
+    folder: str | os.PathLike,
+    model: SpatialVAE,
+    *,
+    means: Mapping[str, torch.Tensor] | None = None,
+    steps: int = 24,
+) -> Path:
+    """``folder/traversal.gif``: ``z`` decoded at pose zero along the prior's central 95 % (``z_dim`` 1) or
+    along the first principal axis of the posterior means ``means["z"]`` (``z_dim > 1``; without
+    means, along ``z_1``); see :func:`pyro_svae.plots.traversal_animation`."""
+    from . import plots
+
+    z = None if means is None else means.get("z")
+    return plots.traversal_animation(model, Path(folder) / "traversal.gif", steps=steps, means=z)
+
+
+def _analytic_std(q: torch.distributions.Distribution) -> torch.Tensor | None:
+    base = q
+    while isinstance(base, torch.distributions.Independent):
+        base = base.base_dist
+    normal = (
+        torch.distributions.Normal,
+        torch.distributions.MultivariateNormal,
+        torch.distributions.LowRankMultivariateNormal,
+    )
+    return q.stddev if isinstance(base, normal) else None
+
+
+@torch.no_grad()
+def posterior_summaries(
+    guide, data: ImageDataset, *, draws: int = 100, batch_size: int = 500
+) -> dict[str, torch.Tensor]:
+    """Per-image posterior means and standard deviations, on the CPU: ``<site>_mean`` and ``<site>_std``
+    for each of the guide's sites ``z`` ``(N, z_dim)``, ``theta`` ``(N,)`` (radians), ``dx`` ``(N, 2)``
+    (grid units) and ``scale`` ``(N,)``.
+
+    The guide runs in ``eval()`` mode (no training-time augmentation). Means are its point estimates
+    (:meth:`posterior_means`; for a pose-search guide ``theta`` is the angle of the most probable bin).
+    Standard deviations are analytic where ``q`` is a normal distribution (``theta``: the Normal's scale);
+    otherwise (circular families, mixtures over rotation bins, families constrained to a bounded prior)
+    they are estimated from ``draws`` samples per image: for ``theta`` the circular standard deviation
+    ``sqrt(-2 ln R)`` (``R`` the mean resultant length), else the sample standard deviation. Uses the
+    global torch RNG (seed it first for reproducible estimates).
+    """
+    if draws < 2:
+        raise ValueError(f"estimating standard deviations needs at least 2 draws, got {draws}")
+    device = next(guide.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {}
+    was_training = guide.training
+    guide.eval()
+    try:
+        for index in torch.arange(len(data)).split(batch_size):
+            images = data.images[index].to(device)
+            means = guide.posterior_means(images)
+            q = guide.distributions(images)
+            for site in ("z", "theta", "dx", "scale"):
+                if site not in q:
+                    continue
+                std = _analytic_std(q[site])
+                if std is None:
+                    samples = q[site].sample((draws,)).float()
+                    if site == "theta":
+                        resultant = torch.complex(torch.cos(samples), torch.sin(samples)).mean(0).abs()
+                        std = torch.sqrt(-2.0 * torch.log(resultant.clamp(1e-12, 1.0)))
+                    else:
+                        std = samples.std(0)
+                out.setdefault(f"{site}_mean", []).append(means[site].float().cpu())
+                out.setdefault(f"{site}_std", []).append(std.float().cpu())
+    finally:
+        guide.train(was_training)
+    return {key: torch.cat(values) for key, values in out.items()}
+
+
+def _rebased_image_names(data: ImageDataset, folder: Path) -> ImageDataset:
+    """``data`` with the ``rlnImageName`` stacks of its input STAR table re-expressed relative to
+    ``folder`` (where the new STAR file goes), resolved as the reader resolved them (next to the input
+    STAR file, else in the working directory), so that the written file still finds its images."""
+    import pandas as pd
+
+    table, star_path = data.info.get("star"), data.info.get("star_path")
+    if not isinstance(table, pd.DataFrame) or not star_path:
+        return data
+    target = folder.resolve()
+
+    def relative(path: Path) -> str:
+        try:
+            return os.path.relpath(path.resolve(), target)
+        except ValueError:  # another drive (Windows)
+            return str(path.resolve())
+
+    stack = data.info.get("stack_path")
+    if stack:  # a stack with CTF rows from a STAR file: row k is image k of the stack
+        names = [f"{k + 1:06d}@{relative(Path(stack))}" for k in range(len(table))]
+        rebased = table.drop(columns="rlnImageName", errors="ignore")
+        rebased.insert(0, "rlnImageName", names)
+        return replace(data, info={**data.info, "star": rebased})
+    if "rlnImageName" not in table.columns:
+        return data
+    base = Path(star_path).parent
+    cache: dict[str, str] = {}
+
+    def rebase(name: str) -> str:
+        index, at, stack = name.rpartition("@")
+        if stack not in cache:
+            found = Path(stack)
+            if not found.is_absolute():
+                found = next((c for c in (base / stack, Path.cwd() / stack) if c.is_file()), base / stack)
+            cache[stack] = relative(found)
+        return f"{index}{at}{cache[stack]}"
+
+    rebased = table.copy()
+    rebased["rlnImageName"] = [rebase(str(name)) for name in table["rlnImageName"]]
+    return replace(data, info={**data.info, "star": rebased})
+
+
+def write_particles_star(
+    path: str | os.PathLike,
+    guide,
+    data: ImageDataset,
+    *,
+    draws: int = 100,
+    batch_size: int = 500,
+) -> Path:
+    """Write every particle of ``data`` (loaded by :func:`load_particles`, in the input order) with its
+    posterior summaries (:func:`posterior_summaries`) as a RELION STAR file (see
+    :func:`pyro_svae.data.write_posterior_star`: ``rlnAnglePsi``/``rlnOriginX/YAngst`` from the posterior
+    means, ``pyroSvaePsiStdDeg``, ``pyroSvaeOriginX/YStdAngst``, ``pyroSvaeZ<k>``, ``pyroSvaeZStd<k>``).
+    ``rlnImageName`` paths are rewritten relative to the new file's folder, so it finds the input stacks.
+    """
+    summary = posterior_summaries(guide, data, draws=draws, batch_size=batch_size)
+    data = _rebased_image_names(data, Path(path).parent)
+    return write_posterior_star(
+        path,
+        data,
+        theta_mean=summary.get("theta_mean"),
+        theta_std=summary.get("theta_std"),
+        dx_mean=summary.get("dx_mean"),
+        dx_std=summary.get("dx_std"),
+        z_mean=summary.get("z_mean"),
+        z_std=summary.get("z_std"),
+    )
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:

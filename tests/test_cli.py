@@ -429,6 +429,19 @@ CONTRADICTIONS = {
     "test data and test size": (["--test-data", "x.npy", "--test-size", "5"], "not both"),
     "non-positive size": (["--z-dim", "0"], "positive integer"),
     "resume and out": (["--resume", "somewhere", "--out", "x"], "cannot be given with --resume"),
+    "particle option without particles": (["--box", "8"], "--particles only"),
+    "particles and data": (["--particles", "p.star"], "--particles gives the data"),
+    "scale prior without scale": (["--scale-prior", "0.3"], "add --scale"),
+    "vanilla with scale": (["--vanilla", "--scale"], "--scale"),
+    "augmentation without rotation": (["--no-rotate", "--augment-rotation"], "--augment-rotation"),
+    "pose search without rotation": (["--vanilla", "--pose-search", "8"], "--pose-search"),
+    "pose search with augmentation": (["--pose-search", "8", "--augment-rotation"], "--augment-rotation"),
+    "pose search with one bin": (["--pose-search", "1"], "at least 2 rotation bins"),
+    "pose search with pixel subsampling": (["--pose-search", "8", "--pixel-subsample", "20"], "give one"),
+    "pixel subsampling with vanilla": (["--vanilla", "--pixel-subsample", "20"], "--pixel-subsample"),
+    "too many pixels": (["--pixel-subsample", "500"], "196 pixels"),
+    "compile with vanilla": (["--vanilla", "--compile"], "--compile"),
+    "unknown precision": (["--precision", "fp8"], "invalid choice"),
 }
 
 
@@ -495,3 +508,358 @@ def test_unreadable_checkpoint_or_missing_run_is_a_clean_error(capsys, trained, 
     (run_dir / "checkpoint.pt").write_bytes(b"garbage")
     code, _, err = run(capsys, "sample", run_dir)
     assert_clean_error(code, err, "not a readable pyro_svae checkpoint")
+
+
+# --------------------------------------------------------------------------------------------------
+# cryo-EM particles, folders of cut-outs, built-ins and model options
+# --------------------------------------------------------------------------------------------------
+PARTICLE_TINY = ["--hidden-dim", "8", "--eval-particles", "2", "--posterior-draws", "3", "--no-progress"]
+PARTICLE_TINY += ["--epochs", "1", "--batch-size", "10"]
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> Path:
+    """40 simulated 16x16 particles with CTF, written by ``pyro-svae simulate-particles``."""
+    folder = tmp_path_factory.mktemp("particles") / "sim"
+    assert main(["simulate-particles", "--out", str(folder), "--n", "40", "--box", "16", "--seed", "3"]) == 0
+    return folder / "particles.star"
+
+
+@pytest.fixture(scope="module")
+def particle_run(tmp_path_factory, simulated) -> Path:
+    out = tmp_path_factory.mktemp("particle-runs") / "run"
+    assert main(["train", "--particles", str(simulated), "--out", str(out), *PARTICLE_TINY]) == 0
+    return out
+
+
+def star_table(path: Path):
+    import starfile
+
+    return starfile.read(path, always_dict=True)["particles"]
+
+
+def test_simulate_particles_writes_relion_files_with_ground_truth(capsys, tmp_path):
+    from pyro_svae.data import load_particles
+
+    code, out, err = run(capsys, "simulate-particles", "--out", tmp_path, "-n", "12", "--box", "16")
+    assert code == 0, err
+    assert "12 particles of 16x16" in out and "with CTF" in out and "particles.star" in out
+    data = load_particles(tmp_path / "particles.star")
+    assert data.images.shape == (12, 1, 16, 16) and data.ctf is not None
+    assert data.theta is not None and data.dx is not None and "conformation" in data.factors
+    assert data.info["pixel_size"] == pytest.approx(2.2)
+    code, _, err = run(capsys, "simulate-particles", "--out", tmp_path, "-n", "12")
+    assert_clean_error(code, err, "already holds particles.star", "--overwrite")
+    code, out, err = run(
+        capsys, "simulate-particles", "--out", tmp_path, "-n", "5", "--box", "12", "--no-ctf",
+        "--no-noise", "--shift-std", "0", "--pixel-size", "3", "--overwrite",
+    )  # fmt: skip
+    assert code == 0, err
+    data = load_particles(tmp_path / "particles.star")
+    assert len(data) == 5 and data.ctf is None and float(data.dx.abs().max()) < 1e-6
+    assert data.info["pixel_size"] == pytest.approx(3.0)
+    code, _, err = run(capsys, "simulate-particles", "--out", tmp_path, "--no-noise", "--snr", "2")
+    assert_clean_error(code, err, "--snr")
+    code, _, err = run(capsys, "simulate-particles", "--out", tmp_path / "m", "--atomic-model", "no.pdb")
+    assert_clean_error(code, err, "no such file", "no.pdb")
+
+
+def test_train_on_simulated_particles_end_to_end(particle_run, simulated, capsys):
+    config = json.loads((particle_run / "config.json").read_text())
+    spec = config["data"]["particles"]
+    assert spec["file"]["path"] == str(simulated.resolve()) and len(spec["file"]["sha256"]) == 64
+    assert spec["use_ctf"] and spec["preprocess"] == {
+        "box": None,
+        "normalize": True,
+        "invert": False,
+        "mask_radius": None,
+    }
+    model = config["model"]
+    assert model["ctf"] and model["likelihood"] == "gaussian"
+    assert model["theta_prior_std"] == pytest.approx(np.pi)  # in-plane rotations are uniform
+    assert config["guide"]["kind"] == "amortized" and config["training"]["precision"] == "fp32"
+
+    table = star_table(particle_run / "particles.star")
+    original = star_table(simulated)
+    assert len(table) == 40  # train and test, in the input order
+    assert [name.split("@")[0] for name in table["rlnImageName"]] == list(original["rlnImageName"].str[:6])
+    for column in ("rlnAnglePsi", "rlnOriginXAngst", "pyroSvaePsiStdDeg", "pyroSvaeOriginXStdAngst"):
+        assert column in table.columns and np.isfinite(table[column]).all()
+    assert {"pyroSvaeZ1", "pyroSvaeZ2", "pyroSvaeZStd1", "pyroSvaeZStd2"} <= set(table.columns)
+    assert (table["pyroSvaeZStd1"] > 0).all() and (table["pyroSvaePsiStdDeg"] > 0).all()
+    assert np.allclose(table["pyroSvaeInputAnglePsi"], original["rlnAnglePsi"])  # the truth is kept
+
+    from pyro_svae.data import load_particles
+
+    again = load_particles(particle_run / "particles.star")  # the written file still finds its images
+    assert torch.equal(again.images, load_particles(simulated).images)
+
+    from PIL import Image
+
+    with Image.open(particle_run / "figures" / "traversal.gif") as gif:
+        assert gif.n_frames == 24
+    summary = json.loads((particle_run / "summary.json").read_text())
+    assert "figures/traversal.gif" in summary["figures"] and "z_spearman_conformation" in summary["test"]
+
+    code, out, err = run(capsys, "evaluate", particle_run, "--out", particle_run.parent / "eval")
+    assert code == 0, err
+    evaluated = json.loads((particle_run.parent / "eval" / "summary.json").read_text())
+    assert evaluated["test"]["elbo"] == pytest.approx(summary["test"]["elbo"], abs=1e-3)
+
+
+def test_particle_run_output_names_the_ctf_and_resumes(capsys, simulated, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", "--particles", simulated, "--out", out, *PARTICLE_TINY)
+    assert code == 0, err
+    first = stdout.splitlines()[0]
+    assert "CTF" in first and "36 training / 4 test images of 1x16x16" in first
+    assert "particles.star: 40 particles" in stdout and "z Spearman conformation" in stdout
+    code, stdout, err = run(capsys, "train", "--resume", out, "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    assert "epoch 2/2" in stdout and (out / "particles.star").is_file()
+
+
+def test_stack_with_ctf_star_preprocessing_and_no_ctf(capsys, simulated, tmp_path):
+    from pyro_svae.data import load_particles, read_stack, write_particles
+
+    data = load_particles(simulated)
+    stack = tmp_path / "stack.mrcs"
+    write_particles(tmp_path / "stack.star", data)  # stack.mrcs + its CTF rows in stack.star
+    ctf_star = tmp_path / "ctf.star"
+    (tmp_path / "stack.star").rename(ctf_star)
+    out = tmp_path / "run"
+    flags = ["--ctf", ctf_star, "--box", "12", "--invert", "--mask-radius", "4", "--test-size", "8"]
+    code, stdout, err = run(capsys, "train", "--particles", stack, *flags, "--out", out, *PARTICLE_TINY)
+    assert code == 0, err
+    assert "32 training / 8 test images of 1x12x12" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["ctf"] and config["model"]["image_shape"] == [1, 12, 12]
+    spec = config["data"]["particles"]
+    assert spec["ctf_file"]["path"] == str(ctf_star.resolve())
+    assert spec["preprocess"] == {"box": 12, "normalize": True, "invert": True, "mask_radius": 4.0}
+    table = star_table(out / "particles.star")
+    assert len(table) == 40 and table["rlnImageName"].iloc[0] == "000001@../stack.mrcs"
+    assert read_stack(stack).shape == (40, 16, 16)
+
+    out = tmp_path / "no-ctf"
+    code, stdout, err = run(
+        capsys, "train", "--particles", simulated, "--no-ctf", "--likelihood", "gaussian_learned",
+        "--theta-prior", "1.0", "--out", out, *PARTICLE_TINY,
+    )  # fmt: skip
+    assert code == 0, err
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert not model["ctf"] and model["likelihood"] == "gaussian_learned"
+    assert model["theta_prior_std"] == 1.0 and "WITHOUT CTF" not in stdout
+
+
+def test_star_without_ctf_columns_trains_without_ctf_and_says_so_first(capsys, simulated, tmp_path):
+    from dataclasses import replace
+
+    from pyro_svae.data import load_particles, write_particles
+
+    plain = replace(load_particles(simulated), ctf=None)
+    write_particles(tmp_path / "plain.star", plain, pixel_size=2.2)
+    out = tmp_path / "run"
+    flags = ["--particles", tmp_path / "plain.star", "--out", out]
+    code, stdout, err = run(capsys, "train", *flags, *PARTICLE_TINY)
+    assert code == 0, err
+    assert "no CTF columns in plain.star: training WITHOUT CTF" in stdout.splitlines()[0]
+    assert not json.loads((out / "config.json").read_text())["model"]["ctf"]
+
+
+def _particles(tmp_path: Path, simulated: Path) -> dict[str, Path]:
+    """Bad particle files next to a good stack."""
+    import mrcfile
+
+    from pyro_svae.data import load_particles, write_particles
+
+    data = load_particles(simulated)
+    write_particles(tmp_path / "good.star", data)
+    table = (tmp_path / "good.star").read_text()
+    (tmp_path / "past_end.star").write_text(table.replace("000040@good.mrcs", "000099@good.mrcs"))
+    plain = tmp_path / "plain.star"
+    (plain).write_text(
+        "data_particles\n\nloop_\n_rlnImageName #1\n" + "".join(f"{i + 1:06d}@good.mrcs\n" for i in range(40))
+    )
+    np.save(tmp_path / "wide.npy", np.random.default_rng(0).normal(size=(6, 16, 20)).astype(np.float32))
+    np.save(tmp_path / "stack.npy", data.images[:, 0].numpy())
+    with mrcfile.new(tmp_path / "corrupt.mrcs") as mrc:
+        mrc.set_data(np.zeros((4, 16, 16), np.float32))
+    with open(tmp_path / "corrupt.mrcs", "r+b") as handle:  # mode 99: no MRC data type
+        handle.seek(12)
+        handle.write(np.int32(99).tobytes())
+    with mrcfile.new(tmp_path / "truncated.mrcs") as mrc:
+        mrc.set_data(np.zeros((4, 16, 16), np.float32))
+    with open(tmp_path / "truncated.mrcs", "r+b") as handle:
+        handle.truncate(1024 + 100)
+    return {"tmp": tmp_path, "good_star": tmp_path / "good.star", "plain": plain}
+
+
+BAD_PARTICLES = {
+    "--ctf STAR without CTF columns": (
+        lambda f: ["--particles", f["tmp"] / "stack.npy", "--ctf", f["plain"], "--pixel-size", "2"],
+        ["CTF column(s) missing", "rlnDefocusU"],
+    ),
+    "reference past the end of the stack": (
+        lambda f: ["--particles", f["tmp"] / "past_end.star"],
+        ["asks for image 99", "holds 40 images"],
+    ),
+    "non-square particles": (lambda f: ["--particles", f["tmp"] / "wide.npy"], ["square", "16x20"]),
+    "stack and CTF rows of different counts": (
+        lambda f: ["--particles", f["tmp"] / "wide.npy", "--ctf", f["good_star"]],
+        ["square"],
+    ),
+    "missing pixel size of a STAR file": (lambda f: ["--particles", f["plain"]], ["missing pixel size"]),
+    "missing pixel size of a stack": (
+        lambda f: ["--particles", f["tmp"] / "stack.npy"],
+        ["pixel size is unknown", "--pixel-size"],
+    ),
+    "corrupt MRC header": (
+        lambda f: ["--particles", f["tmp"] / "corrupt.mrcs"],
+        ["corrupt.mrcs", "MRC data cannot be read", "mode '99'"],
+    ),
+    "truncated MRC data": (lambda f: ["--particles", f["tmp"] / "truncated.mrcs"], ["truncated.mrcs"]),
+    "Bernoulli likelihood with CTF": (
+        lambda f: ["--particles", f["good_star"], "--likelihood", "bernoulli"],
+        ["cannot score CTF-filtered particles", "--no-ctf"],
+    ),
+    "pixel subsampling with CTF": (
+        lambda f: ["--particles", f["good_star"], "--pixel-subsample", "10"],
+        ["--pixel-subsample", "CTF"],
+    ),
+    "--ctf with --no-ctf": (
+        lambda f: ["--particles", f["tmp"] / "stack.npy", "--ctf", f["good_star"], "--no-ctf"],
+        ["--no-ctf"],
+    ),
+    "--ctf with a STAR file": (
+        lambda f: ["--particles", f["good_star"], "--ctf", f["good_star"]],
+        ["carries its own CTF columns"],
+    ),
+    "mask radius without normalization": (
+        lambda f: ["--particles", f["good_star"], "--no-normalize", "--mask-radius", "3"],
+        ["--mask-radius"],
+    ),
+    "box larger than the particles": (lambda f: ["--particles", f["good_star"], "--box", "20"], ["box"]),
+    "unknown particle format": (lambda f: ["--particles", f["plain"].with_suffix(".txt")], [".txt"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PARTICLES))
+def test_bad_particles_give_one_line_and_exit_2(capsys, simulated, tmp_path, case):
+    files = _particles(tmp_path, simulated)
+    make, fragments = BAD_PARTICLES[case]
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", *make(files), "--out", out, *PARTICLE_TINY)
+    assert_clean_error(code, err, *fragments)
+    assert not out.exists()
+
+
+def test_mismatched_stack_and_ctf_counts_are_a_clean_error(capsys, simulated, tmp_path):
+    files = _particles(tmp_path, simulated)
+    np.save(tmp_path / "short.npy", np.load(tmp_path / "stack.npy")[:30])
+    flags = ["--particles", tmp_path / "short.npy", "--ctf", files["good_star"]]
+    code, _, err = run(capsys, "train", *flags, "--out", tmp_path / "run", *PARTICLE_TINY)
+    assert_clean_error(code, err, "40 CTF rows for 30 images")
+
+
+def write_cutouts(folder: Path, count: int, size: int = 12, *, odd: int | None = None) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        side = odd if (odd is not None and i == count - 1) else size
+        pixels = (rng.random((side, side, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"galaxy_{i:03d}.png")
+    return folder
+
+
+def test_train_on_a_folder_of_cutouts_and_evaluate_it(capsys, tmp_path):
+    folder = write_cutouts(tmp_path / "cutouts", 20)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "run"
+    flags = ["--data", folder, "--test-size", "4", "--out", out]
+    code, stdout, err = run(capsys, "train", *flags, *PARTICLE_TINY)
+    assert code == 0, err
+    assert "16 training / 4 test images of 3x12x12" in stdout
+    entry = json.loads((out / "config.json").read_text())["data"]["file"]
+    assert entry["folder"] and entry["path"] == str(folder.resolve()) and len(entry["sha256"]) == 64
+    assert not (out / "particles.star").exists() and (out / "figures" / "traversal.gif").is_file()
+    code, _, err = run(capsys, "evaluate", out)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda tmp: write_cutouts(tmp / "mixed", 4, odd=10), "12x12"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no image files"),
+    ],
+    ids=["mixed sizes", "empty folder"],
+)
+def test_bad_folders_give_one_line_and_exit_2(capsys, tmp_path, make, fragment):
+    code, _, err = run(capsys, "train", "--data", make(tmp_path), "--out", tmp_path / "run", *PARTICLE_TINY)
+    assert_clean_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_builtin_simulated_particles_get_particle_defaults(capsys, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data", "simulated_particles", "--train-size", "30", "--test-size", "10"]
+    code, stdout, err = run(capsys, "train", *flags, "--out", out, *PARTICLE_TINY)
+    assert code == 0, err
+    assert "30 training / 10 test images of 1x32x32" in stdout and "theta corr" in stdout
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert model["likelihood"] == "gaussian" and not model["ctf"]
+    assert model["theta_prior_std"] == pytest.approx(np.pi)
+    assert not (out / "particles.star").exists()
+
+
+def test_scale_augmentation_subsampling_and_precision_are_recorded_and_rebuilt(capsys, tmp_path, monkeypatch):
+    from pyro_svae.data import BUILTIN, simulated_galaxies
+
+    def small_galaxies(*, seed=0, test_size=10):
+        full = simulated_galaxies(30, size=16, seed=seed)
+        return full.subset(range(30 - test_size)), full.subset(range(30 - test_size, 30))
+
+    monkeypatch.setitem(BUILTIN, "simulated_galaxies", small_galaxies)
+    out = tmp_path / "run"
+    flags = ["--data", "simulated_galaxies", "--scale", "--scale-prior", "0.4", "--augment-rotation"]
+    flags += ["--pixel-subsample", "64", "--precision", "bf16"]
+    code, stdout, err = run(capsys, "train", *flags, "--out", out, *PARTICLE_TINY)
+    assert code == 0, err
+    assert "infers rotation, translation and scale" in stdout and "64 pixels per image" in stdout
+    assert "log scale corr" in stdout.splitlines()[2]  # the epoch line
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["scale"] and config["model"]["scale_prior_std"] == 0.4
+    assert config["model"]["pixel_subsample"] == 64 and config["guide"]["augment_rotation"]
+    assert config["training"]["precision"] == "bf16"
+    assert "log_scale_corr" in json.loads((out / "summary.json").read_text())["test"]
+    code, stdout, err = run(capsys, "train", "--resume", out, "--epochs", "2", "--precision", "fp32")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["training"]["precision"] == "fp32"
+    code, _, err = run(capsys, "evaluate", out, "--out", tmp_path / "eval")
+    assert code == 0, err
+
+
+def test_pose_search_run_is_rebuilt_by_evaluate_and_sample(capsys, digits, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data", digits["images"], "--pose-search", "8", "--epochs", "1", "--out", out]
+    code, stdout, err = run(capsys, "train", *flags, *TINY)
+    assert code == 0, err
+    assert "pose search over 8 rotation bins" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["guide"]["kind"] == "pose_search" and config["model"]["rotation_bins"] == 8
+    code, _, err = run(capsys, "evaluate", out)
+    assert code == 0, err
+    code, _, err = run(capsys, "sample", out, "-n", "3")
+    assert code == 0, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_fp16_without_a_gpu_is_a_usage_error(capsys, digits, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data", digits["images"], "--precision", "fp16", "--out", out]
+    code, _, err = run(capsys, "train", *flags, *TINY)
+    assert_clean_error(code, err, "--precision fp16", "CUDA")
+    assert not out.exists()

@@ -1,4 +1,5 @@
-"""The ``pyro-svae`` command: ``train``, ``evaluate`` and ``sample`` (one module per command).
+"""The ``pyro-svae`` command: ``train``, ``evaluate``, ``sample`` and ``simulate-particles`` (one module per
+command).
 
 Each command module has ``add_args(parser)`` and ``main(args) -> int``. :func:`main` dispatches, turns
 every expected failure (bad data, bad options, a run folder that does not match its checkpoint) into one
@@ -10,11 +11,12 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 from collections.abc import Sequence
 
 from ..checkpoint import CheckpointError
 from ..data import DataError
-from . import evaluate, sample, train
+from . import evaluate, sample, simulate_particles, train
 from ._common import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
 __all__ = ["main", "build_parser", "UsageError", "EXIT_USAGE", "EXIT_INTERRUPTED"]
@@ -23,6 +25,10 @@ COMMANDS = {
     "train": (train, "train spatial-VAE; writes a run folder"),
     "evaluate": (evaluate, "re-evaluate a saved run on its test data or a given file"),
     "sample": (sample, "decode new images from a saved run"),
+    "simulate-particles": (
+        simulate_particles,
+        "simulate cryo-EM particles with ground truth as RELION .mrcs + .star files",
+    ),
 }
 
 
@@ -66,6 +72,17 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _one_line_warning(command: str):
+    """A ``warnings.showwarning`` that prints ``pyro-svae COMMAND: warning: ...`` on one line of stderr
+    (instead of Python's two lines with the source file)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        stream = sys.stderr if file is None else file
+        print(f"pyro-svae {command}: warning: {' '.join(str(message).split())}", file=stream, flush=True)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pyro-svae`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -75,10 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     if getattr(args, "command_main", None) is None:
         parser.print_usage(sys.stderr)
-        print("pyro-svae: error: give a command: train, evaluate or sample", file=sys.stderr)
+        print(f"pyro-svae: error: give a command: {', '.join(COMMANDS)}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return int(args.command_main(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(args.command_main(args) or 0)
     except KeyboardInterrupt:
         print(f"pyro-svae {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

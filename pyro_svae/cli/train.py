@@ -2,6 +2,12 @@
 
 With no options: the built-in rotated MNIST, a CPU-sized network (2 x 128 tanh), z_dim 2, rotation and
 translation inference, a few minutes on a 2-core CPU. ``--resume RUN`` continues an interrupted run.
+
+Cryo-EM particles (``--particles FILE.star``, or a stack with ``--ctf FILE.star``; also the built-in
+``simulated_particles``) get particle defaults: a Gaussian likelihood (sigma 1, on particles normalized
+to a unit-variance background), the CTF in the model when the data carry one (``--no-ctf`` to ignore it),
+and a rotation prior of std pi (in-plane rotations are uniform). The run folder then also holds
+``particles.star``: every input particle with its posterior pose, content and their standard deviations.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from .. import distributed, runs
 from ..checkpoint import load_checkpoint
 from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
-from ..infer import History, fit, resolve_device
+from ..infer import PRECISIONS, History, fit, precision_context, resolve_device
 from ..likelihoods import LIKELIHOODS
 from ..model import SpatialVAE
+from ..pose_search import PoseSearchGuide
 from ._common import (
     InterruptGuard,
     UsageError,
@@ -43,6 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "theta_prior": math.pi / 4,
     "dx_prior": 0.1,
     "likelihood": "bernoulli",
+    "scale_prior": 0.25,
+    "precision": "fp32",
     # small batches and a larger step: the spatial decoder gains far more from more steps than from
     # bigger batches (measured on rotated MNIST, 20 epochs: test ELBO -175.7 at 25 / 2e-3 against about
     # -205 at 100 / 1e-3), and an epoch costs no more
@@ -55,9 +64,12 @@ DEFAULTS: dict[str, Any] = {
     "posterior_draws": 100,
     "runs_dir": "runs",
 }
+# Defaults that differ for cryo-EM particles (--particles, or a particle built-in).
+PARTICLE_DEFAULTS: dict[str, Any] = {"likelihood": "gaussian", "theta_prior": math.pi}
+GAUSSIAN_LIKELIHOODS = ("gaussian", "gaussian_learned", "gaussian_pixel")
 
 # Options a resumed run may change; every other setting comes from the run's config.json.
-RESUMABLE = ("epochs", "device", "no_progress", "resume", "distributed")
+RESUMABLE = ("epochs", "device", "no_progress", "resume", "distributed", "precision")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -66,9 +78,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data",
-        metavar="NAME|FILE",
-        help="a built-in data set (rotated_mnist, rotated_translated_mnist, uniform_rotated_mnist) "
-        f"or an image file: .npy (N, H, W) / (N, C, H, W), or MNIST IDX (default: {d['data']})",
+        metavar="NAME|FILE|DIR",
+        help="a built-in data set (rotated_mnist, rotated_translated_mnist, uniform_rotated_mnist, "
+        "hubble_galaxies, simulated_galaxies, simulated_particles), an image file: .npy (N, H, W) / "
+        "(N, C, H, W) or MNIST IDX, or a folder of PNG/JPEG/.npy/FITS cut-outs of one size "
+        f"(default: {d['data']})",
     )
     data.add_argument("--labels", metavar="FILE", help="class labels of --data (.npy or IDX), optional")
     data.add_argument(
@@ -87,6 +101,48 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         metavar="N",
         help="use only the first N training images (quick trials)",
+    )
+
+    cryo = parser.add_argument_group("cryo-EM particles")
+    cryo.add_argument(
+        "--particles",
+        metavar="FILE",
+        help="particle images: a RELION .star file (CTF and poses from its columns) or an "
+        ".mrcs/.mrc/.npy stack (then --ctf gives its CTF rows)",
+    )
+    cryo.add_argument(
+        "--ctf", metavar="FILE.star", help="CTF parameters of a --particles stack, one row per image"
+    )
+    cryo.add_argument(
+        "--pixel-size",
+        type=positive_float,
+        metavar="A",
+        help="pixel size in Å where the files do not give it (STAR optics, MRC header)",
+    )
+    cryo.add_argument(
+        "--no-ctf",
+        action="store_true",
+        default=None,
+        help="ignore the CTF even when the particles carry one (default: model it when present)",
+    )
+    cryo.add_argument(
+        "--box", type=positive_int, metavar="N", help="Fourier-crop the particles to N x N pixels"
+    )
+    cryo.add_argument(
+        "--no-normalize",
+        action="store_true",
+        default=None,
+        help="keep pixel values (default: zero mean, unit std of each particle's background)",
+    )
+    cryo.add_argument(
+        "--invert", action="store_true", default=None, help="multiply the particles by -1 (dark -> light)"
+    )
+    cryo.add_argument(
+        "--mask-radius",
+        type=positive_float,
+        metavar="PX",
+        help="normalization: the background lies outside this radius, pixels of the (cropped) box "
+        "(default: 0.75 x box / 2, RELION's)",
     )
 
     model = parser.add_argument_group("model")
@@ -168,7 +224,46 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--likelihood",
         choices=sorted(LIKELIHOODS),
-        help=f"pixel observation model (default: {d['likelihood']})",
+        help=f"pixel observation model (default: {d['likelihood']}; gaussian for particles)",
+    )
+    model.add_argument(
+        "--scale",
+        action="store_true",
+        default=None,
+        help="also infer a magnification per image (a 'scale' pose site, e.g. for galaxies)",
+    )
+    model.add_argument(
+        "--scale-prior",
+        type=positive_float,
+        metavar="STD",
+        help=f"std of the log-normal scale prior (with --scale; default: {d['scale_prior']})",
+    )
+    model.add_argument(
+        "--augment-rotation",
+        action="store_true",
+        default=None,
+        help="turn each training image by a random angle before the encoder and turn q(theta, dx) "
+        "back (the original code's augmentation)",
+    )
+    model.add_argument(
+        "--pose-search",
+        type=positive_int,
+        metavar="K",
+        help="search rotations over K bins: a discrete rotation site, enumerated exactly, with a "
+        "rotation-equivariant encoder (for uniformly rotated data)",
+    )
+    model.add_argument(
+        "--pixel-subsample",
+        type=positive_int,
+        metavar="K",
+        help="score K random pixels per image in training steps (an unbiased, cheaper ELBO; the "
+        "spatial decoder without CTF only)",
+    )
+    model.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="run the spatial decoder through torch.compile (pays on GPUs and long runs)",
     )
 
     training = parser.add_argument_group("training")
@@ -194,6 +289,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help=f"passes over the training images; with --resume, the new total (default: {d['epochs']})",
     )
     add_device_arg(training, default=None)
+    training.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="arithmetic of the networks' training steps: fp32, or autocast to bf16 (CPU or GPU) or "
+        f"fp16 (GPU); the test ELBO is always computed in fp32 (default: {d['precision']})",
+    )
     training.add_argument(
         "--distributed",
         action="store_true",
@@ -247,8 +348,10 @@ _OPTION_KEYS = (
     "data labels test_data test_labels test_size train_size z_dim hidden_dim num_layers "
     "encoder_hidden_dim encoder_layers decoder_hidden_dim decoder_layers activation vanilla no_rotate "
     "no_translate theta_prior dx_prior likelihood learning_rate batch_size epochs device seed "
-    "eval_particles posterior_draws out overwrite"
+    "eval_particles posterior_draws out overwrite particles ctf pixel_size no_ctf box no_normalize "
+    "invert mask_radius scale scale_prior augment_rotation pose_search pixel_subsample compile precision"
 ).split()
+_PARTICLE_OPTIONS = ("ctf", "pixel_size", "no_ctf", "box", "no_normalize", "invert", "mask_radius")
 
 
 def _flag(key: str) -> str:
@@ -271,9 +374,57 @@ def _check_contradictions(args: argparse.Namespace) -> None:
         raise UsageError("--no-rotate turns rotation off, so --theta-prior cannot apply")
     if args.no_translate and args.dx_prior is not None:
         raise UsageError("--no-translate turns translation off, so --dx-prior cannot apply")
+    if args.particles is not None:
+        files = [k for k in ("data", "labels", "test_data", "test_labels") if getattr(args, k) is not None]
+        if files:
+            raise UsageError(
+                f"--particles gives the data, so {' and '.join(map(_flag, files))} cannot apply "
+                "(hold particles out for testing with --test-size)"
+            )
+    else:
+        particle_only = [k for k in _PARTICLE_OPTIONS if getattr(args, k) is not None]
+        if particle_only:
+            raise UsageError(f"{', '.join(map(_flag, particle_only))} apply to --particles only")
+    if args.ctf is not None and args.no_ctf:
+        raise UsageError("--ctf gives the CTF, --no-ctf ignores it: give one of them")
+    if args.no_normalize and args.mask_radius is not None:
+        raise UsageError(
+            "--mask-radius sets the normalization background, so it cannot go with --no-normalize"
+        )
+    if args.scale_prior is not None and not args.scale:
+        raise UsageError("--scale-prior is the prior of the scale site: add --scale")
+    pose_off = "--vanilla" if args.vanilla else "--no-rotate" if args.no_rotate else None
+    for key in ("augment_rotation", "pose_search"):
+        if getattr(args, key) is not None and pose_off:
+            raise UsageError(f"{pose_off} turns rotation off, so {_flag(key)} cannot apply")
+    if args.vanilla and args.scale:
+        raise UsageError("--vanilla has no pose latents, so --scale cannot apply")
+    if args.pose_search is not None:
+        if args.pose_search < 2:
+            raise UsageError(f"--pose-search needs at least 2 rotation bins, got {args.pose_search}")
+        if args.augment_rotation:
+            raise UsageError(
+                "--pose-search searches all rotations itself, so --augment-rotation cannot apply"
+            )
+        if args.pixel_subsample is not None:
+            raise UsageError(
+                "--pose-search enumerates rotation bins, which cannot nest the pixels plate of "
+                "--pixel-subsample: give one of them"
+            )
+    if args.vanilla:
+        for key in ("pixel_subsample", "compile"):
+            if getattr(args, key):
+                raise UsageError(f"{_flag(key)} applies to the spatial decoder, not to --vanilla")
 
 
-def _build(args: argparse.Namespace, image_shape: tuple[int, ...]) -> tuple[SpatialVAE, AmortizedGuide]:
+def _build(
+    args: argparse.Namespace,
+    image_shape: tuple[int, ...],
+    *,
+    likelihood: str,
+    theta_prior: float,
+    ctf: bool,
+) -> tuple[SpatialVAE, AmortizedGuide | PoseSearchGuide]:
     hidden, layers = _value(args, "hidden_dim"), _value(args, "num_layers")
     vanilla = bool(args.vanilla)
     model = SpatialVAE(
@@ -282,33 +433,65 @@ def _build(args: argparse.Namespace, image_shape: tuple[int, ...]) -> tuple[Spat
         rotate=False if vanilla else not args.no_rotate,
         translate=False if vanilla else not args.no_translate,
         vanilla=vanilla,
-        theta_prior_std=_value(args, "theta_prior"),
+        theta_prior_std=theta_prior,
         dx_prior_std=_value(args, "dx_prior"),
-        likelihood=_value(args, "likelihood"),
+        rotation_bins=args.pose_search,
+        scale=bool(args.scale),
+        scale_prior_std=_value(args, "scale_prior"),
+        ctf=ctf,
+        pixel_subsample=args.pixel_subsample,
+        compile=bool(args.compile),
+        likelihood=likelihood,
         hidden_dim=args.decoder_hidden_dim or hidden,
         num_layers=args.decoder_layers or layers,
         activation=_value(args, "activation"),
     )
-    guide = AmortizedGuide(
-        model,
-        hidden_dim=args.encoder_hidden_dim or hidden,
-        num_layers=args.encoder_layers or layers,
-        activation=_value(args, "activation"),
-    )
-    return model, guide
+    encoder = {
+        "hidden_dim": args.encoder_hidden_dim or hidden,
+        "num_layers": args.encoder_layers or layers,
+        "activation": _value(args, "activation"),
+    }
+    if args.pose_search is not None:
+        return model, PoseSearchGuide(model, "equivariant", mode="enumerate", **encoder)
+    return model, AmortizedGuide(model, augment_rotation=bool(args.augment_rotation), **encoder)
 
 
 def _describe(model: SpatialVAE) -> str:
     if model.vanilla:
         return f"vanilla VAE (z_dim {model.z_dim})"
-    pose = [name for name, on in (("rotation", model.rotate), ("translation", model.translate)) if on]
-    return f"spatial-VAE (z_dim {model.z_dim}; infers {' and '.join(pose) or 'no pose'})"
+    pose = [
+        name
+        for name, on in (("rotation", model.rotate), ("translation", model.translate), ("scale", model.scale))
+        if on
+    ]
+    pose_text = ", ".join(pose[:-1]) + (" and " if len(pose) > 1 else "") + pose[-1] if pose else "no pose"
+    extras = []
+    if model.rotation_bins is not None:
+        extras.append(f"pose search over {model.rotation_bins} rotation bins")
+    if model.ctf:
+        extras.append("CTF")
+    if model.pixel_subsample is not None:
+        extras.append(f"{model.pixel_subsample} pixels per image per step")
+    return f"spatial-VAE (z_dim {model.z_dim}; infers {pose_text}{''.join('; ' + e for e in extras)})"
+
+
+def _data_path(spec: dict[str, Any]) -> Path | None:
+    entry = (spec.get("particles") or {}).get("file") or spec.get("file")
+    return None if entry is None else Path(entry["path"])
 
 
 def _data_label(spec: dict[str, Any]) -> str:
     if spec.get("builtin"):
         return str(spec["builtin"])
-    return Path(spec["file"]["path"]).name
+    return _data_path(spec).name
+
+
+def _ctf_note(spec: dict[str, Any], model: SpatialVAE) -> str:
+    """A remark for the first output line when particles asked for the CTF but carry none."""
+    particles = spec.get("particles")
+    if particles and particles.get("use_ctf", True) and not model.ctf:
+        return f" (no CTF columns in {Path(particles['file']['path']).name}: training WITHOUT CTF)"
+    return ""
 
 
 def _epoch_line(epoch: int, epochs: int, records: dict[str, dict[str, Any]]) -> str:
@@ -324,6 +507,8 @@ def _epoch_line(epoch: int, epochs: int, records: dict[str, dict[str, Any]]) -> 
             parts.append(f"theta corr {test['theta_circ_corr']:.3f}")
         if "dx_corr_x" in test:
             parts.append(f"dx corr {test['dx_corr_x']:.2f}/{test['dx_corr_y']:.2f}")
+        if "log_scale_corr" in test:
+            parts.append(f"log scale corr {test['log_scale_corr']:.2f}")
     parts.append(f"{train['seconds']:.1f} s")
     return " | ".join(parts)
 
@@ -335,6 +520,66 @@ def _say(*lines: str) -> None:
         print(line, flush=True)
 
 
+def _check_precision(precision: str, device: torch.device) -> None:
+    try:
+        precision_context(precision, device)
+    except ValueError as error:
+        raise UsageError(f"--precision {precision}: {error}") from None
+
+
+def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
+    if args.particles is not None:
+        return runs.particle_spec(
+            args.particles,
+            ctf=args.ctf,
+            pixel_size=args.pixel_size,
+            use_ctf=not args.no_ctf,
+            box=args.box,
+            normalize=not args.no_normalize,
+            invert=bool(args.invert),
+            mask_radius=args.mask_radius,
+            test_size=args.test_size,
+            train_size=args.train_size,
+        )
+    return runs.data_spec(
+        _value(args, "data"),
+        labels=args.labels,
+        test_data=args.test_data,
+        test_labels=args.test_labels,
+        test_size=args.test_size,
+        train_size=args.train_size,
+    )
+
+
+def _check_data_options(
+    args: argparse.Namespace, spec: dict[str, Any], train, *, likelihood: str, ctf: bool
+) -> None:
+    """Contradictions between options and what the data turned out to be."""
+    if ctf and likelihood not in GAUSSIAN_LIKELIHOODS:
+        raise UsageError(
+            f"--likelihood {likelihood} cannot score CTF-filtered particles: use one of "
+            f"{', '.join(GAUSSIAN_LIKELIHOODS)}, or ignore the CTF with --no-ctf"
+        )
+    if args.pixel_subsample is not None:
+        if ctf:
+            raise UsageError(
+                "--pixel-subsample renders pixels independently, but the CTF mixes all pixels of a "
+                "particle: add --no-ctf or drop --pixel-subsample"
+            )
+        _, height, width = train.image_shape
+        if args.pixel_subsample > height * width:
+            raise UsageError(
+                f"--pixel-subsample {args.pixel_subsample} is more than the {height * width} pixels "
+                f"of a {height}x{width} image"
+            )
+    translate = not (args.vanilla or args.no_translate)
+    if spec.get("particles") and translate and train.info.get("pixel_size") is None and not ctf:
+        raise UsageError(
+            f"{Path(args.particles).name}: the pixel size is unknown (no MRC header value, no CTF "
+            "table) and particles.star gives origins in Å: pass --pixel-size A"
+        )
+
+
 def main(args: argparse.Namespace) -> int:
     """Train a new run, or continue one with ``--resume``; returns the exit status."""
     if args.distributed:  # join torchrun's process group first: rank 0 alone writes the run folder
@@ -343,25 +588,33 @@ def main(args: argparse.Namespace) -> int:
         return _resume(args)
     _check_contradictions(args)
     device = resolve_device(_value(args, "device"))
-    spec = runs.data_spec(
-        _value(args, "data"),
-        labels=args.labels,
-        test_data=args.test_data,
-        test_labels=args.test_labels,
-        test_size=args.test_size,
-        train_size=args.train_size,
-    )
+    _check_precision(_value(args, "precision"), device)
+    spec = _data_spec(args)
     train, test = runs.load_data(spec)
-    runs.check_images(train, test, _value(args, "likelihood"))
+    particles = runs.is_particle_spec(spec)
+    defaults = PARTICLE_DEFAULTS if particles else DEFAULTS
+    likelihood = args.likelihood or defaults["likelihood"]
+    theta_prior = args.theta_prior or defaults["theta_prior"]
+    ctf = train.ctf is not None
+    _check_data_options(args, spec, train, likelihood=likelihood, ctf=ctf)
+    runs.check_images(train, test, likelihood)
     pyro.clear_param_store()
     pyro.set_rng_seed(_value(args, "seed"))  # the initial weights depend on the seed alone
-    model, guide = _build(args, train.image_shape)
+    model, guide = _build(args, train.image_shape, likelihood=likelihood, theta_prior=theta_prior, ctf=ctf)
     training = {
         key: _value(args, key)
-        for key in ("epochs", "batch_size", "learning_rate", "seed", "eval_particles", "posterior_draws")
+        for key in (
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "seed",
+            "eval_particles",
+            "posterior_draws",
+            "precision",
+        )
     }
     config = runs.make_config(model, guide, data=spec, training=training)
-    label = spec.get("builtin") or Path(spec["file"]["path"]).name.split(".")[0]
+    label = spec.get("builtin") or _data_path(spec).name.split(".")[0]
     out = args.out or runs.new_run_dir(DEFAULTS["runs_dir"], label)
     if distributed.is_main_process():
         folder = runs.prepare_run_folder(out, overwrite=bool(args.overwrite))
@@ -375,7 +628,7 @@ def _resume(args: argparse.Namespace) -> int:
     if fixed:
         raise UsageError(
             f"{', '.join(map(_flag, fixed))} cannot be given with --resume: the run's config.json "
-            "fixes its settings (only --epochs and --device may change)"
+            "fixes its settings (only --epochs, --device and --precision may change)"
         )
     folder = runs.open_run_folder(args.resume)
     config = runs.read_json(folder.config)
@@ -392,12 +645,19 @@ def _resume(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else int(training.get("epochs", done))
     if epochs < done:
         raise UsageError(f"--epochs {epochs} is fewer than the {done} epochs the run has finished")
+    precision = args.precision or training.get("precision", "fp32")
+    _check_precision(precision, device)
     train, test = runs.load_data(config.get("data", {}))
     runs.check_images(train, test, config["model"].get("likelihood", "bernoulli"))
+    if config["model"].get("ctf") and train.ctf is None:
+        raise runs.RunError(
+            f"{folder.config}: the run's model applies a CTF but its data now carry no CTF parameters"
+        )
     pyro.clear_param_store()
     model, guide = runs.build_model(config)
-    if epochs != training.get("epochs") and distributed.is_main_process():
-        training["epochs"] = epochs
+    changed = epochs != training.get("epochs") or precision != training.get("precision", "fp32")
+    if changed and distributed.is_main_process():
+        training["epochs"], training["precision"] = epochs, precision
         runs.write_json(folder.config, config)
     return _train(args, folder, config, model, guide, train, test, device, previous=list(state["history"]))
 
@@ -407,7 +667,7 @@ def _train(
     folder: runs.RunFolder,
     config: dict[str, Any],
     model: SpatialVAE,
-    guide: AmortizedGuide,
+    guide: AmortizedGuide | PoseSearchGuide,
     train,
     test,
     device: torch.device,
@@ -421,7 +681,8 @@ def _train(
     done = max((int(r["epoch"]) for r in previous), default=0)
     _say(
         f"pyro-svae train: {_describe(model)} on {_data_label(config['data'])}: {len(train)} training / "
-        f"{len(test)} test images of {'x'.join(map(str, train.image_shape))} on {device}",
+        f"{len(test)} test images of {'x'.join(map(str, train.image_shape))} on {device}"
+        + _ctf_note(config["data"], model),
         f"run folder: {folder.root}" + (f" (resuming after epoch {done})" if resume else ""),
     )
     records = list(previous)
@@ -450,6 +711,7 @@ def _train(
                 checkpoint=folder.checkpoint,
                 resume=resume,
                 extra_state={"run_config": runs.model_config(model, guide)},
+                precision=str(training.get("precision", "fp32")),
                 distributed=bool(args.distributed),
             )
             if not distributed.is_main_process():
@@ -467,14 +729,15 @@ def _finish(
     folder: runs.RunFolder,
     config: dict[str, Any],
     model: SpatialVAE,
-    guide: AmortizedGuide,
+    guide: AmortizedGuide | PoseSearchGuide,
     train,
     test,
     device: torch.device,
     history: History,
     started: float,
 ) -> None:
-    """Final evaluation, posterior draws, figures and ``summary.json``."""
+    """Final evaluation (in fp32), posterior draws, figures, ``particles.star`` (particle files) and
+    ``summary.json``."""
     training = config["training"]
     _say(f"final evaluation: {training['eval_particles']} posterior samples per test image ...")
     pyro.set_rng_seed(int(training["seed"]))
@@ -492,6 +755,16 @@ def _finish(
     figures = runs.write_figures(
         folder.figures, model=model, test=test, means=means, records=history.records, report=report
     )
+    figures.append(runs.write_traversal(folder.figures, model, means=means))
+    outputs = "summary.json, metrics.csv, figures/, posterior.nc, checkpoint.pt"
+    if config["data"].get("particles"):
+        every = runs.load_dataset(config["data"])  # train and test, in the input order
+        pyro.set_rng_seed(int(training["seed"]))
+        star = runs.write_particles_star(
+            folder.particles_star, guide, every, draws=max(2, int(training["posterior_draws"]))
+        )
+        _say(f"{star.name}: {len(every)} particles with posterior poses, z and standard deviations")
+        outputs = "particles.star, " + outputs
     drop_seconds = lambda record: {k: v for k, v in record.items() if k != "seconds"}  # noqa: E731
     summary = {
         "test": report,
@@ -512,18 +785,24 @@ def _finish(
         f"{label} {report[key]:.3f}"
         for key, label in (
             ("theta_circ_corr", "theta circular corr"),
+            ("theta_median_error_deg", "theta median error (deg)"),
             ("dx_corr_x", "dx corr x"),
             ("dx_corr_y", "dx corr y"),
+            ("log_scale_corr", "log scale corr"),
             ("knn_accuracy", "kNN accuracy"),
             ("clustering_accuracy", "clustering accuracy"),
+            *(
+                (key, f"z Spearman {key[len('z_spearman_') :]}")
+                for key in report
+                if key.startswith("z_spearman_")
+            ),
         )
         if key in report
     ]
     _say(
         line,
         *([", ".join(extras)] if extras else []),
-        f"done in {summary['wall_seconds']:.0f} s; results in {folder.root}/ "
-        "(summary.json, metrics.csv, figures/, posterior.nc, checkpoint.pt)",
+        f"done in {summary['wall_seconds']:.0f} s; results in {folder.root}/ ({outputs})",
     )
 
 
