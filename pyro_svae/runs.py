@@ -988,6 +988,7 @@ def write_particles_star(
     ``rlnImageName`` paths are rewritten relative to the new file's folder, so it finds the input stacks.
     """
     summary = posterior_summaries(guide, data, draws=draws, batch_size=batch_size)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     data = _rebased_image_names(data, Path(path).parent)
     return write_posterior_star(
         path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -277,3 +278,138 @@ def test_final_report_and_figures_with_ground_truth(tmp_path, posed):
 def test_environment_names_device_and_versions():
     info = runs.environment("cpu")
     assert info["device"] == "cpu" and {"torch", "pyro", "pyro_svae"} <= set(info["versions"])
+
+
+# --------------------------------------------------------------------------------------------------
+# particles, folders, pose-search guides, posterior summaries
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def particle_files(tmp_path_factory):
+    from pyro_svae.data import simulate_particles, write_particles
+
+    folder = tmp_path_factory.mktemp("particles")
+    data = simulate_particles(30, box=16, seed=1)
+    write_particles(folder / "p.star", data)
+    return folder / "p.star"
+
+
+def test_particle_spec_rebuilds_the_same_preprocessed_split(particle_files):
+    spec = runs.particle_spec(particle_files, box=12, invert=True, test_size=0.2, seed=4)
+    assert runs.is_particle_spec(spec) and not runs.is_particle_spec({"builtin": "rotated_mnist"})
+    assert runs.is_particle_spec({"builtin": "simulated_particles"})
+    spec = json.loads(json.dumps(spec))
+    assert spec["particles"]["file"]["path"] == str(particle_files.resolve())
+    train, test = runs.load_data(spec)
+    again_train, again_test = runs.load_data(spec)
+    assert (len(train), len(test)) == (24, 6) and train.image_shape == (1, 12, 12)
+    assert torch.equal(train.images, again_train.images) and torch.equal(test.images, again_test.images)
+    assert train.ctf is not None and float(train.ctf.pixel_size[0]) == pytest.approx(2.2 * 16 / 12)
+    full = runs.load_dataset(spec)
+    assert len(full) == 30 and sorted(torch.cat([train.source_index, test.source_index]).tolist()) == list(
+        range(30)
+    )
+    no_ctf = runs.load_dataset(runs.particle_spec(particle_files, use_ctf=False))
+    assert no_ctf.ctf is None and no_ctf.image_shape == (1, 16, 16)
+    with pytest.raises(DataError, match="unknown particle file format"):
+        runs.particle_spec("images.tif")
+    with pytest.raises(ValueError, match="carries its own CTF"):
+        runs.particle_spec(particle_files, ctf=particle_files)
+
+
+def test_folder_spec_records_a_digest_and_warns_when_the_folder_changes(tmp_path):
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    for i in range(6):
+        np.save(folder / f"{i}.npy", np.full((5, 5), i / 10, np.float32))
+    spec = runs.data_spec(str(folder), test_size=2)
+    assert spec["file"]["folder"] and len(spec["file"]["sha256"]) == 64
+    train, test = runs.load_data(spec)
+    assert (len(train), len(test)) == (4, 2) and train.image_shape == (1, 5, 5)
+    np.save(folder / "0.npy", np.ones((5, 5), np.float32))
+    with pytest.warns(UserWarning, match="changed since the run was configured"):
+        runs.load_data(spec)
+    with pytest.raises(ValueError, match="folder of images, which has no labels"):
+        runs.data_spec(str(folder), labels=str(folder / "0.npy"))
+
+
+def test_config_rebuilds_a_pose_search_guide_and_reads_configs_without_a_guide_kind():
+    from pyro_svae.pose_search import PoseSearchGuide
+
+    model = SpatialVAE((1, 12, 12), 2, hidden_dim=8, rotation_bins=4)
+    guide = PoseSearchGuide(model, "equivariant", channels=4)
+    config = json.loads(json.dumps(runs.make_config(model, guide, data={}, training={})))
+    assert config["guide"]["kind"] == "pose_search"
+    rebuilt_model, rebuilt = runs.build_model(config)
+    assert isinstance(rebuilt, PoseSearchGuide) and rebuilt.config == guide.config
+    rebuilt.load_state_dict(guide.state_dict())
+    images = torch.rand(3, 1, 12, 12)
+    assert torch.allclose(rebuilt.raw_params(images)["bin_logits"], guide.raw_params(images)["bin_logits"])
+    legacy = runs.make_config(*tiny_model(), data={}, training={})
+    del legacy["guide"]["kind"]
+    assert isinstance(runs.build_model(legacy)[1], AmortizedGuide)
+    with pytest.raises(runs.RunError, match="guide kind"):
+        runs.build_model({**config, "guide": {**config["guide"], "kind": "magic"}})
+
+
+def test_posterior_summaries_are_analytic_for_normal_families_and_sampled_otherwise(posed):
+    from pyro_svae.pose_search import PoseSearchGuide
+
+    _, test = posed
+    model, guide = tiny_model()
+    summary = runs.posterior_summaries(guide, test, draws=4)
+    q = guide.distributions(test.images)
+    assert torch.allclose(summary["theta_std"], q["theta"].stddev, atol=1e-6)
+    assert torch.allclose(summary["dx_std"], q["dx"].stddev, atol=1e-6)
+    assert summary["z_mean"].shape == (20, 2) and summary["z_std"].shape == (20, 2)
+    assert torch.allclose(summary["theta_mean"], guide.posterior_means(test.images)["theta"], atol=1e-6)
+
+    binned = SpatialVAE((1, 14, 14), 2, hidden_dim=8, rotation_bins=4)
+    summary = runs.posterior_summaries(PoseSearchGuide(binned, "equivariant", channels=4), test, draws=8)
+    assert summary["theta_std"].shape == (20,) and torch.all(torch.isfinite(summary["theta_std"]))
+
+    class VonMisesGuide(torch.nn.Module):  # q(theta) of known circular spread
+        def __init__(self) -> None:
+            super().__init__()
+            self.kappa = torch.nn.Parameter(torch.linspace(1.0, 20.0, 20))
+
+        def posterior_means(self, images):
+            return {"theta": torch.zeros(len(images))}
+
+        def distributions(self, images):
+            return {"theta": torch.distributions.VonMises(torch.zeros(len(images)), self.kappa.detach())}
+
+    torch.manual_seed(0)
+    summary = runs.posterior_summaries(VonMisesGuide(), test, draws=4000)
+    kappa = torch.linspace(1.0, 20.0, 20, dtype=torch.float64)
+    resultant = torch.special.i1e(kappa) / torch.special.i0e(kappa)  # E cos(theta) of a von Mises
+    expected = torch.sqrt(-2 * torch.log(resultant)).float()
+    assert torch.allclose(summary["theta_std"], expected, rtol=0.05)
+
+
+def test_particles_star_lists_every_particle_in_input_order(particle_files, tmp_path):
+    import starfile
+
+    from pyro_svae.data import load_particles
+
+    spec = runs.particle_spec(particle_files, test_size=5)
+    full = runs.load_dataset(spec)
+    model = SpatialVAE(full.image_shape, 3, hidden_dim=8, likelihood="gaussian", ctf=True)
+    guide = AmortizedGuide(model, hidden_dim=8)
+    shuffled = full.subset(np.random.default_rng(0).permutation(30))
+    path = runs.write_particles_star(tmp_path / "out" / "particles.star", guide, shuffled, draws=3)
+    table = starfile.read(path, always_dict=True)["particles"]
+    stack = os.path.relpath(particle_files.with_suffix(".mrcs"), tmp_path / "out")
+    assert list(table["rlnImageName"]) == [f"{i:06d}@{stack}" for i in range(1, 31)]
+    with torch.no_grad():
+        means = guide.posterior_means(full.images)
+    assert np.allclose(table["pyroSvaeZ3"], means["z"][:, 2].numpy(), atol=1e-5)
+    assert {"pyroSvaePsiStdDeg", "pyroSvaeOriginXStdAngst", "pyroSvaeZStd3"} <= set(table.columns)
+    assert torch.equal(load_particles(path).images, load_particles(particle_files).images)
+
+
+def test_final_report_correlates_z_with_continuous_factors(posed):
+    train, test = posed
+    model, guide = tiny_model()
+    test = ImageDataset(test.images, factors={"thickness": test.theta.numpy() ** 2}, name="t")
+    report, _ = runs.final_report(model, guide, test, num_particles=2)
+    assert 0.0 <= report["z_spearman_thickness"] <= 1.0
