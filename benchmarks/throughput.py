@@ -20,7 +20,8 @@ the two really compute the same thing.
 
 ``--speed`` prints, in one run, images/s of the paper-size training step (500x2, batch 100, 28x28) in
 fp32 and bf16 autocast, with and without ``torch.compile`` of the decoder, with every pixel and with
-pixel-subsampled ELBOs (50 %, 25 %), against the raw-PyTorch fp32 reference of the same math; the bare
+pixel-subsampled ELBOs (50 %, 25 %), with the pose folded into the first layer's weights (the library)
+and applied to every coordinate ("posed coords"), against the raw-PyTorch fp32 reference of the same math; the bare
 matmul GFLOP/s at the dominant shape (batch x pixels rows by hidden x hidden) as the ceiling and the
 step's effective matmul GFLOP/s; and the peak resident memory of one step (Linux: ``VmHWM`` after
 resetting it through ``/proc/self/clear_refs``). On CUDA (``--device cuda``) the same table with
@@ -34,6 +35,7 @@ import math
 import re
 import statistics
 import time
+import types
 
 import pyro
 import torch
@@ -42,7 +44,7 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from pyro_svae import AmortizedGuide, SpatialVAE
-from pyro_svae.coords import pixel_grid
+from pyro_svae.coords import pixel_grid, pose_coordinates
 from pyro_svae.data import posed_mnist
 from pyro_svae.infer import precision_context
 
@@ -321,6 +323,13 @@ def matmul_flops_per_image(hidden: int, layers: int, pixels: int, z_dim: int = 2
     return 3 * 2 * (decoder + encoder + z_dim * hidden)
 
 
+def _render_on_coordinates(self, z, theta=None, dx=None, scale=None, *, pixels=None):
+    """``SpatialVAE.render`` with the pose applied to every coordinate instead of to the first layer's
+    weights (for comparison)."""
+    grid = self.grid if pixels is None else self.grid[pixels]
+    return self.decoder(pose_coordinates(grid, theta, dx, scale), z).to(self.grid.dtype)
+
+
 def speed_table(args, batches: list[torch.Tensor]) -> None:
     device = torch.device(args.device)
     hidden, layers = 500, 2
@@ -341,12 +350,18 @@ def speed_table(args, batches: list[torch.Tensor]) -> None:
         raw_opt.step()
 
     steps = {"raw fp32 reference": raw_step}
+    configs.insert(1, ("fp32", False, "coordinates"))
     for precision, compiled, subsample in configs:
         pyro.clear_param_store()
         torch.manual_seed(0)
+        first_layer_on_coordinates = subsample == "coordinates"
+        if first_layer_on_coordinates:
+            subsample = None
         model = SpatialVAE(
             (28, 28), 2, hidden_dim=hidden, num_layers=layers, pixel_subsample=subsample, compile=compiled
         ).to(device)
+        if first_layer_on_coordinates:  # the textbook way: transform B x P coordinates, then project
+            model.render = types.MethodType(_render_on_coordinates, model)
         guide = AmortizedGuide(model, hidden_dim=hidden, num_layers=layers).to(device)
         svi = SVI(model, guide, pyro.optim.Adam({"lr": args.lr}), Trace_ELBO())
         autocast = precision_context(precision, device)
@@ -356,7 +371,8 @@ def speed_table(args, batches: list[torch.Tensor]) -> None:
                 svi.step(images, data_size=DATA_SIZE)
 
         share = "100 %" if subsample is None else f"{100 * subsample // pixels} %"
-        steps[f"pyro {precision}{' compiled' if compiled else ''}, pixels {share}"] = step
+        label = f"pyro {precision}{' compiled' if compiled else ''}, pixels {share}"
+        steps[label + (", posed coords" if first_layer_on_coordinates else "")] = step
 
     for step in steps.values():  # warm-up (and compilation) outside the timings
         time_steps(step, batches, 0, args.warmup)

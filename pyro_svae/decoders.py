@@ -37,19 +37,51 @@ def _check_sizes(hidden_dim: int, num_layers: int, out_dim: int) -> None:
 _FUNCTIONAL = {"tanh": torch.tanh, "relu": F.relu, "leaky_relu": F.leaky_relu, "silu": F.silu}
 
 
+def _posed_projection(
+    weight: torch.Tensor,
+    theta: torch.Tensor | None,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """The coordinate projection with the pose folded in: ``M = R(theta) W^T / s``, ``(..., 2, H)``.
+
+    Rendering at coordinates ``u = ((x - dx) R(theta)) / s`` (see :mod:`pyro_svae.coords`), the first
+    layer ``u W^T + b`` equals ``x M + (b - dx M)``: one small ``(2, H)`` matrix per image instead of a
+    ``(P, 2)`` coordinate set per image, and no gradient through ``B P`` transformed coordinates.
+    """
+    projection = weight.t()
+    if theta is not None:
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        projection = rotation @ projection
+    if scale is not None:
+        projection = projection / scale[..., None, None]
+    return projection
+
+
 def _spatial_forward(
-    coords: torch.Tensor,
+    grid: torch.Tensor,
+    theta: torch.Tensor | None,
+    dx: torch.Tensor | None,
+    scale: torch.Tensor | None,
     latent: torch.Tensor | None,
     linears: list[tuple[torch.Tensor, torch.Tensor]],
     activation: str,
 ) -> torch.Tensor:
-    """The spatial decoder as a pure function of its weights (what ``torch.compile`` traces): the
-    coordinate projection ``linears[0]`` plus the broadcast latent projection, then the MLP tail."""
+    """The spatial decoder as a pure function of its weights (what ``torch.compile`` traces): the posed
+    coordinate projection of ``grid`` ``(P, 2)`` plus the broadcast latent projection, then the MLP tail.
+    The small pose-times-weight products stay in the grid's dtype under autocast; the per-pixel
+    products do not."""
     act = _FUNCTIONAL[activation]
     weight, bias = linears[0]
-    hidden = F.linear(coords, weight, bias)
-    if latent is not None:
-        hidden = hidden + latent.unsqueeze(-2)
+    with torch.autocast(grid.device.type, enabled=False):
+        dtype = grid.dtype
+        projection = _posed_projection(weight.to(dtype), theta, scale)
+        offset = bias.to(dtype)
+        if dx is not None:
+            offset = offset - (dx.unsqueeze(-2) @ projection).squeeze(-2)
+        if latent is not None:
+            offset = offset + latent.to(dtype)
+    hidden = torch.matmul(grid, projection) + offset.unsqueeze(-2)
     for weight, bias in linears[1:]:
         hidden = F.linear(act(hidden), weight, bias)
     return hidden
@@ -60,7 +92,9 @@ class SpatialDecoder(nn.Module):
 
     The first layer is ``coords @ W_c + z @ W_z + b``: a coordinate projection ``(..., P, H)`` plus a
     per-image latent projection broadcast over pixels, never a ``(B, P, 2 + z_dim)`` concatenation.
-    ``forward(coords (..., P, D) or (P, D), z (..., z_dim)) -> (..., P, out_dim)``.
+    ``forward(coords (..., P, D) or (P, D), z (..., z_dim)) -> (..., P, out_dim)`` evaluates at given
+    coordinates; :meth:`render` evaluates a shared grid at a batch of poses with the pose folded into
+    the first layer's weights (the same function, measured cheaper: see ``benchmarks/throughput.py``).
     """
 
     def __init__(
@@ -85,13 +119,30 @@ class SpatialDecoder(nn.Module):
         # behind PyroModule) stay outside the traced graph
         self._forward_fn = torch.compile(_spatial_forward, dynamic=None) if compile else _spatial_forward
 
-    def forward(self, coords: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    def _weights(self, z: torch.Tensor | None):
         latent = None
         if self.latent_linear is not None and z is not None:
             latent = self.latent_linear(z)
         linears = [(self.coord_linear.weight, self.coord_linear.bias)]
         linears += [(m.weight, m.bias) for m in self.tail if isinstance(m, nn.Linear)]
-        return self._forward_fn(coords, latent, linears, self.activation)
+        return latent, linears
+
+    def forward(self, coords: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        latent, linears = self._weights(z)
+        return self._forward_fn(coords, None, None, None, latent, linears, self.activation)
+
+    def render(
+        self,
+        grid: torch.Tensor,
+        z: torch.Tensor | None,
+        theta: torch.Tensor | None = None,
+        dx: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Outputs ``(..., P, out_dim)`` at ``grid`` ``(P, 2)`` posed by ``theta`` ``(...)``, ``dx``
+        ``(..., 2)``, ``scale`` ``(...)`` (each optional): ``forward(pose_coordinates(grid, ...), z)``."""
+        latent, linears = self._weights(z)
+        return self._forward_fn(grid, theta, dx, scale, latent, linears, self.activation)
 
 
 class VanillaDecoder(nn.Module):

@@ -13,7 +13,7 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
-from .coords import bin_centres, pixel_grid, pose_coordinates
+from .coords import bin_centres, pixel_grid
 from .ctf import CTFParams, apply_ctf, ctf_2d
 from .decoders import SpatialDecoder, VanillaDecoder
 from .likelihoods import make_likelihood
@@ -268,8 +268,7 @@ class SpatialVAE(PyroModule):
         if self.vanilla:
             return self.decoder(z).to(self.grid.dtype)
         grid = self.grid if pixels is None else self.grid[pixels]
-        coords = pose_coordinates(grid, theta, dx, scale)
-        return self.decoder(coords, z).to(self.grid.dtype)
+        return self.decoder.render(grid, z, theta, dx, scale).to(self.grid.dtype)
 
     def filter_ctf(self, params: torch.Tensor, ctf: CTFParams) -> torch.Tensor:
         """Apply each image's CTF to the mean channels of ``params`` ``(..., B, P, k * C)``."""
