@@ -21,11 +21,11 @@ the two really compute the same thing.
 ``--speed`` prints, in one run, images/s of the paper-size training step (500x2, batch 100, 28x28) in
 fp32 and bf16 autocast, with and without ``torch.compile`` of the decoder, with every pixel and with
 pixel-subsampled ELBOs (50 %, 25 %), with the pose folded into the first layer's weights (the library)
-and applied to every coordinate ("posed coords"), against the raw-PyTorch fp32 reference of the same math; the bare
-matmul GFLOP/s at the dominant shape (batch x pixels rows by hidden x hidden) as the ceiling and the
-step's effective matmul GFLOP/s; and the peak resident memory of one step (Linux: ``VmHWM`` after
-resetting it through ``/proc/self/clear_refs``). On CUDA (``--device cuda``) the same table with
-fp32, bf16 and fp16 and peak memory from ``torch.cuda.max_memory_allocated``.
+and applied to every coordinate ("posed coords"), against the raw-PyTorch fp32 reference of the same
+math; the bare matmul GFLOP/s at the dominant shape (batch x pixels rows by hidden x hidden) as the
+ceiling and the step's effective matmul GFLOP/s; and the peak resident memory of one step (Linux:
+``VmHWM`` after resetting it through ``/proc/self/clear_refs``). On CUDA (``--device cuda``) the same
+table with fp32, bf16 and fp16 and peak memory from ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
