@@ -604,8 +604,10 @@ class AmortizedGuide(PyroModule):
         for site, shape in self.site_shapes.items():
             prior = _site_prior(model, site)
             bounded = prior is not None and not _is_real(prior.support)
-            choice = families.get(site, "constrained_normal" if bounded else "normal")
-            family = make_family(choice, shape, site, prior)
+            if site in families:
+                family = make_family(families[site], shape, site, prior)
+            else:
+                family = default_family(model, site)
             if bounded and _is_real(family.support):
                 raise ValueError(
                     f"the prior of site '{site}' has support {prior.support}, but the "
