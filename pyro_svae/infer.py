@@ -35,6 +35,7 @@ from .data.datasets import DataError, ImageDataset
 __all__ = [
     "PRECISIONS",
     "precision_context",
+    "resolve_precision",
     "History",
     "KLWeight",
     "linear_kl_annealing",
@@ -60,12 +61,33 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bf16"`` where the hardware multiplies bf16 natively (CPUs with AVX512-BF16 or
+    AMX, CUDA devices that support bf16), else ``"fp32"``; other values are returned as they are."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and _cpu_has_native_bf16() else "fp32"
+
+
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast for the networks' matrix products: ``"fp32"`` (none), ``"bf16"`` (CPU or CUDA) or
-    ``"fp16"`` (CUDA only). Coordinates, pose transforms, the CTF, likelihoods and KL terms stay float32
-    (the model and guides cast network outputs back), and parameters and optimizer state stay float32."""
+    ``"fp16"`` (CUDA only); ``"auto"`` as :func:`resolve_precision` says. Coordinates, pose transforms,
+    the CTF, likelihoods and KL terms stay float32 (the model and guides cast network outputs back), and
+    parameters and optimizer state stay float32."""
+    precision = resolve_precision(precision, device)
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"precision must be one of {PRECISIONS} or 'auto', got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp16" and device.type != "cuda":

@@ -238,3 +238,16 @@ def test_pixel_subsampled_training_reports_the_full_elbo(digits):
     elbos = history.values("elbo", "test")
     assert elbos[-1] > elbos[0]
     assert model.training  # evaluation switched to all pixels and back
+
+
+def test_auto_precision_resolves_from_the_hardware(monkeypatch):
+    from pyro_svae import infer
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(infer, "_cpu_has_native_bf16", lambda: True)
+    assert infer.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(infer, "_cpu_has_native_bf16", lambda: False)
+    assert infer.resolve_precision("auto", cpu) == "fp32"
+    assert infer.resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        infer.precision_context("fp64", cpu)
