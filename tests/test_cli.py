@@ -863,3 +863,55 @@ def test_fp16_without_a_gpu_is_a_usage_error(capsys, digits, tmp_path):
     code, _, err = run(capsys, "train", *flags, *TINY)
     assert_clean_error(code, err, "--precision fp16", "CUDA")
     assert not out.exists()
+
+
+def test_help_lists_the_particle_and_model_options(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "simulate-particles" in out
+    code, out, _ = run(capsys, "train", "--help")
+    assert code == 0
+    for option in (
+        "--particles",
+        "--ctf",
+        "--pixel-size",
+        "--no-ctf",
+        "--box",
+        "--no-normalize",
+        "--invert",
+        "--mask-radius",
+        "--scale",
+        "--scale-prior",
+        "--augment-rotation",
+        "--pose-search",
+        "--pixel-subsample",
+        "--compile",
+        "--precision",
+        "simulated_particles",
+        "hubble_galaxies",
+    ):
+        assert option in out, option
+
+
+def test_compile_is_recorded_and_rebuilt(capsys, digits, tmp_path, monkeypatch):
+    from pyro_svae import runs
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # the config is written before training starts
+
+    monkeypatch.setattr(train_command, "fit", stop)
+    out = tmp_path / "run"
+    code, _, _ = run(capsys, "train", "--data", digits["images"], "--compile", "--out", out, *TINY)
+    assert code == 130
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["compile"] is True
+    assert runs.build_model(config)[0].config["compile"] is True
+
+
+@pytest.mark.slow
+def test_compiled_particle_run_trains_and_evaluates(capsys, simulated, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--particles", simulated, "--no-ctf", "--compile", "--pixel-subsample", "64", "--out", out]
+    code, _, err = run(capsys, "train", *flags, *PARTICLE_TINY)
+    assert code == 0, err
+    code, _, err = run(capsys, "evaluate", out)
+    assert code == 0, err
