@@ -22,6 +22,7 @@ import torch
 import pyro_svae.cli.train as train_command
 from pyro_svae.cli import main
 from pyro_svae.data import mnist_digits
+from pyro_svae.infer import resolve_precision
 from pyro_svae.runs import load_posterior
 
 TINY = ["--hidden-dim", "16", "--eval-particles", "2", "--posterior-draws", "3", "--no-progress"]
@@ -835,9 +836,10 @@ def test_scale_augmentation_subsampling_and_precision_are_recorded_and_rebuilt(c
     assert config["model"]["pixel_subsample"] == 64 and config["guide"]["augment_rotation"]
     assert config["training"]["precision"] == "bf16"
     assert "log_scale_corr" in json.loads((out / "summary.json").read_text())["test"]
-    code, stdout, err = run(capsys, "train", "--resume", out, "--epochs", "2", "--precision", "fp32")
+    code, stdout, err = run(capsys, "train", "--resume", out, "--epochs", "2", "--precision", "auto")
     assert code == 0, err
-    assert json.loads((out / "config.json").read_text())["training"]["precision"] == "fp32"
+    resolved = resolve_precision("auto", torch.device("cpu"))  # config.json records what auto chose
+    assert json.loads((out / "config.json").read_text())["training"]["precision"] == resolved
     code, _, err = run(capsys, "evaluate", out, "--out", tmp_path / "eval")
     assert code == 0, err
 

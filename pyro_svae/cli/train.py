@@ -26,7 +26,7 @@ from .. import distributed, runs
 from ..checkpoint import load_checkpoint
 from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
-from ..infer import PRECISIONS, History, fit, precision_context, resolve_device
+from ..infer import PRECISIONS, History, fit, precision_context, resolve_device, resolve_precision
 from ..likelihoods import LIKELIHOODS
 from ..model import SpatialVAE
 from ..pose_search import PoseSearchGuide
@@ -291,9 +291,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_device_arg(training, default=None)
     training.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=(*PRECISIONS, "auto"),
         help="arithmetic of the networks' training steps: fp32, or autocast to bf16 (CPU or GPU) or "
-        f"fp16 (GPU); the test ELBO is always computed in fp32 (default: {d['precision']})",
+        "fp16 (GPU); auto: bf16 where the hardware multiplies bf16 natively, else fp32 (config.json "
+        f"records which); the test ELBO is always computed in fp32 (default: {d['precision']})",
     )
     training.add_argument(
         "--distributed",
@@ -613,6 +614,7 @@ def main(args: argparse.Namespace) -> int:
             "precision",
         )
     }
+    training["precision"] = resolve_precision(training["precision"], device)
     config = runs.make_config(model, guide, data=spec, training=training)
     label = spec.get("builtin") or _data_path(spec).name.split(".")[0]
     out = args.out or runs.new_run_dir(DEFAULTS["runs_dir"], label)
@@ -645,7 +647,7 @@ def _resume(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else int(training.get("epochs", done))
     if epochs < done:
         raise UsageError(f"--epochs {epochs} is fewer than the {done} epochs the run has finished")
-    precision = args.precision or training.get("precision", "fp32")
+    precision = resolve_precision(args.precision or training.get("precision", "fp32"), device)
     _check_precision(precision, device)
     train, test = runs.load_data(config.get("data", {}))
     runs.check_images(train, test, config["model"].get("likelihood", "bernoulli"))
