@@ -13,3 +13,19 @@ def _fresh_pyro_state():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_ctf(n: int, **values):
+    """CTF rows of ``n`` particles with realistic, varied defoci (300 kV); keywords override."""
+    from pyro_svae.ctf import CTFParams
+
+    defaults = dict(
+        defocus_u=torch.linspace(12000, 20000, n),
+        defocus_v=torch.linspace(11000, 19500, n),
+        defocus_angle=30.0,
+        voltage=300.0,
+        spherical_aberration=2.7,
+        amplitude_contrast=0.1,
+        pixel_size=2.2,
+    )
+    return CTFParams.from_values(n, **{**defaults, **values})

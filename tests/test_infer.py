@@ -4,7 +4,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import make_ctf, requires_cuda
 
 from pyro_svae import AmortizedGuide, SpatialVAE, evaluate, fit
 from pyro_svae.data import DataError, ImageDataset, rotated_mnist
@@ -206,19 +206,8 @@ def test_bf16_training_keeps_parameters_float32_and_its_elbo_tracks_fp32(digits)
 
 
 def test_a_ctf_model_trains_on_particles_with_their_ctf():
-    from pyro_svae.ctf import CTFParams
-
     n = 24
-    ctf = CTFParams.from_values(
-        n,
-        defocus_u=torch.linspace(10000, 25000, n),
-        defocus_v=torch.linspace(9500, 24000, n),
-        defocus_angle=45.0,
-        voltage=300.0,
-        spherical_aberration=2.7,
-        amplitude_contrast=0.1,
-        pixel_size=2.2,
-    )
+    ctf = make_ctf(n, defocus_u=torch.linspace(10000, 25000, n), defocus_v=torch.linspace(9500, 24000, n))
     data = ImageDataset(torch.randn(n, 1, 12, 12), ctf=ctf, name="particles")
     model = SpatialVAE((12, 12), 1, hidden_dim=16, ctf=True, likelihood="gaussian")
     guide = AmortizedGuide(model, hidden_dim=16)

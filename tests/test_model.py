@@ -4,7 +4,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import make_ctf, requires_cuda
 from pyro import poutine
 
 from pyro_svae import AmortizedGuide, SpatialVAE
@@ -198,21 +198,6 @@ def test_model_and_guide_run_on_cuda():
 # --- scale, CTF and pixel subsampling -------------------------------------------------------------
 
 
-def _ctf_rows(n):
-    from pyro_svae.ctf import CTFParams
-
-    return CTFParams.from_values(
-        n,
-        defocus_u=torch.linspace(12000, 20000, n),
-        defocus_v=torch.linspace(11000, 19500, n),
-        defocus_angle=30.0,
-        voltage=300.0,
-        spherical_aberration=2.7,
-        amplitude_contrast=0.1,
-        pixel_size=3.0,
-    )
-
-
 def test_scale_site_magnifies_the_content():
     model = small_model(scale=True)
     assert list(model.latent_sites) == ["z", "theta", "dx", "scale"]
@@ -231,7 +216,7 @@ def test_ctf_filters_the_rendered_mean_before_the_gaussian_likelihood():
     from pyro_svae.ctf import apply_ctf, ctf_2d
 
     model = small_model(ctf=True, likelihood="gaussian_pixel")
-    images, ctf = torch.randn(4, 1, 6, 6), _ctf_rows(4)
+    images, ctf = torch.randn(4, 1, 6, 6), make_ctf(4, pixel_size=3.0)
     trace = poutine.trace(model).get_trace(images, ctf=ctf)
     z, theta, dx = (trace.nodes[name]["value"] for name in ("z", "theta", "dx"))
     clean = model.decode(z, theta, dx)
