@@ -156,10 +156,8 @@ def print_table(rows: list[dict], args) -> None:
 
 def ctf_cost(args) -> dict:
     """Seconds per training step with and without the CTF, interleaved, on ``--ctf-box`` particles."""
-    box = args.ctf_box
-    data = preprocess_particles(
-        simulate_particles(args.batch_size, box=box, snr=0.1, ctf=True, seed=args.seed)
-    )
+    box, batch = args.ctf_box, args.ctf_batch
+    data = preprocess_particles(simulate_particles(batch, box=box, snr=0.1, ctf=True, seed=args.seed))
     images, params = data.images, data.ctf
     steps = {}
     for ctf in (False, True):
@@ -187,24 +185,36 @@ def ctf_cost(args) -> dict:
                 started = time.perf_counter()
                 steps[ctf]()
                 times[ctf].append(time.perf_counter() - started)
+    # the CTF alone (computed from its parameters and applied, forward and backward), outside any step
+    filtering = ps.SpatialVAE((box, box), args.z_dim, ctf=True, likelihood="gaussian")
+    rendered = torch.randn(batch, box * box, 1, requires_grad=True)
+    alone = []
+    for _ in range(args.ctf_repeats + 1):
+        started = time.perf_counter()
+        filtering.filter_ctf(rendered, params).square().sum().backward()
+        alone.append(time.perf_counter() - started)
+    alone = sorted(alone[1:])[len(alone) // 2]
     without = sorted(times[False])[len(times[False]) // 2]
     with_ctf = sorted(times[True])[len(times[True]) // 2]
     result = {
         "box": box,
-        "batch": args.batch_size,
+        "batch": batch,
         "nets": f"{args.layers}x{args.hidden}",
         "precision": args.precision,
         "repeats": args.ctf_repeats,
         "step_s_without_ctf": without,
         "step_s_with_ctf": with_ctf,
         "ctf_fraction_of_step": (with_ctf - without) / with_ctf,
+        "ctf_alone_s": alone,
+        "ctf_alone_fraction_of_step": alone / with_ctf,
     }
     print(
-        f"CTF cost at {box}x{box}, batch {args.batch_size}, {args.layers}x{args.hidden} nets, "
+        f"CTF cost at {box}x{box}, batch {batch}, {args.layers}x{args.hidden} nets, "
         f"{args.precision}, "
         f"median of {args.ctf_repeats} interleaved steps: {without * 1e3:.0f} ms without, "
         f"{with_ctf * 1e3:.0f} ms with the CTF -> the CTF is {100 * result['ctf_fraction_of_step']:.1f} % "
-        "of a training step"
+        f"of a training step (the CTF alone, forward and backward: {alone * 1e3:.0f} ms, "
+        f"{100 * alone / with_ctf:.1f} %)"
     )
     return result
 
@@ -234,6 +244,7 @@ def main() -> None:
     parser.add_argument("--ctf-cost", action="store_true", help="also time a step with and without the CTF")
     parser.add_argument("--ctf-only", action="store_true", help="only the CTF timing, no training")
     parser.add_argument("--ctf-box", type=int, default=64)
+    parser.add_argument("--ctf-batch", type=int, default=100)
     parser.add_argument("--ctf-repeats", type=int, default=20)
     parser.add_argument("--out", default=None, help="JSON file for the rows and per-epoch curves")
     args = parser.parse_args()

@@ -14,6 +14,7 @@ EXPECTED = {
     "02_pose_priors.ipynb",
     "03_guides_and_inference.ipynb",
     "04_pose_search.ipynb",
+    "05_cryoem.ipynb",
 }
 
 
