@@ -7,8 +7,8 @@ subsample_size=k)`` inside the images plate: an unbiased estimate of the same EL
 seed, data and number of epochs; the test ELBO is always the exact one (all pixels, ``evaluate``).
 
 Printed per subsample size: training images per CPU-second (``time.process_time`` of the training loop,
-with one thread: insensitive to other jobs on the machine), the test ELBO (one posterior sample per image and the
-importance-weighted bound), theta circular correlation, and the gradient variance: at the initial
+with one thread: insensitive to other jobs on the machine), the test ELBO (one posterior sample per image
+and the importance-weighted bound), theta circular correlation, and the gradient variance: at the initial
 weights, the total variance over ``--grad-draws`` repeated estimates (same batch) of the loss gradient
 with respect to all weights, relative to the full-pixel estimate (whose variance comes from the latent
 samples alone).
