@@ -18,7 +18,7 @@ out or sampled). Training runs under ``--precision`` (bf16 by default) and, wher
 with an enumerated bin), scores ``--pixels`` random pixels per image; test ELBOs are exact (all pixels, fp32).
 
     OMP_NUM_THREADS=1 python benchmarks/galaxies.py --threads 1 --out /tmp/galaxies.json   # the closing note
-    python benchmarks/galaxies.py --sim-train 200 --sim-test 100 --epochs 1 --hubble-epochs 1 --hidden 32  # smoke
+    python benchmarks/galaxies.py --sim-train 200 --sim-test 100 --epochs 1 --hubble-epochs 1 --hidden 32
 """
 
 from __future__ import annotations

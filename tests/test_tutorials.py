@@ -15,6 +15,7 @@ EXPECTED = {
     "03_guides_and_inference.ipynb",
     "04_pose_search.ipynb",
     "05_cryoem.ipynb",
+    "06_galaxies.ipynb",
 }
 
 
