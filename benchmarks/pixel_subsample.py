@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     full_variance = rows[0][4]
     print()
     print(
-        "| pixels scored | train img/s | speed-up | test ELBO | IW bound (K) | theta corr | grad. variance |"
+        "| pixels | train img per CPU-s | speed-up | test ELBO | IW bound (K) | theta corr | grad. variance |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for share, speed, elbo, bound, variance, metrics in rows:
