@@ -81,7 +81,10 @@ def _spatial_forward(
             offset = offset - (dx.unsqueeze(-2) @ projection).squeeze(-2)
         if latent is not None:
             offset = offset + latent.to(dtype)
-    hidden = torch.matmul(grid, projection) + offset.unsqueeze(-2)
+    hidden = torch.matmul(grid, projection)
+    # add the offset in the product's dtype: a float32 offset would promote the (..., P, H) activations
+    # back to float32 under autocast (a full-size copy and a float32 tanh)
+    hidden = hidden + offset.unsqueeze(-2).to(hidden.dtype)
     for weight, bias in linears[1:]:
         hidden = F.linear(act(hidden), weight, bias)
     return hidden
