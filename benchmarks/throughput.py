@@ -350,6 +350,7 @@ def speed_table(args, batches: list[torch.Tensor]) -> None:
         raw_opt.step()
 
     steps = {"raw fp32 reference": raw_step}
+    meta = {"raw fp32 reference": ("fp32", True)}  # name -> (precision, every pixel scored)
     configs.insert(1, ("fp32", False, "coordinates"))
     for precision, compiled, subsample in configs:
         pyro.clear_param_store()
@@ -372,7 +373,9 @@ def speed_table(args, batches: list[torch.Tensor]) -> None:
 
         share = "100 %" if subsample is None else f"{100 * subsample // pixels} %"
         label = f"pyro {precision}{' compiled' if compiled else ''}, pixels {share}"
-        steps[label + (", posed coords" if first_layer_on_coordinates else "")] = step
+        label += ", posed coords" if first_layer_on_coordinates else ""
+        steps[label] = step
+        meta[label] = (precision, subsample is None)
 
     for step in steps.values():  # warm-up (and compilation) outside the timings
         time_steps(step, batches, 0, args.warmup)
@@ -402,8 +405,7 @@ def speed_table(args, batches: list[torch.Tensor]) -> None:
     print(header)
     print(re.sub(r"[^|]", "-", header))
     for name in names:
-        precision = "fp32" if name.startswith("raw") else name.split()[1]
-        full = "100 %" in name or name.startswith("raw")
+        precision, full = meta[name]
         gflops = flops / med[name] / 1e9 if full else float("nan")
         share = 100 * gflops / ceiling[precision] if full else float("nan")
         mem = memory[name]
