@@ -387,6 +387,9 @@ def test_normalize_particles_background_mean_zero_std_one():
     torch.testing.assert_close(custom.mean(-1), torch.zeros(4, 1), atol=1e-5, rtol=0)
     with pytest.raises(DataError, match="constant background"):
         normalize_particles(torch.ones(2, 1, 16, 16))
+    noise_free = torch.from_numpy(_blob(32, (15.5, 15.5), 1.5)).expand(2, 1, 32, 32)  # tails ~1e-14 outside
+    with pytest.raises(DataError, match="constant background"):
+        normalize_particles(noise_free)
     with pytest.raises(DataError, match="background pixel"):
         normalize_particles(images, mask_radius=100.0)
 

@@ -696,7 +696,8 @@ def normalize_particles(images: torch.Tensor, *, mask_radius: float | None = Non
 
     The background (RELION's convention) is the pixels farther than ``mask_radius`` pixels from the grid
     centre, by default ``0.75 * H / 2``; its population standard deviation is used. A constant background
-    raises :class:`DataError`.
+    (standard deviation at most 1e-6 of the whole image's, e.g. noise-free simulated particles whose
+    background holds only rounding residue) raises :class:`DataError`.
     """
     box = _square_side(images, "normalize_particles")
     radius = _NORMALIZE_RADIUS * box / 2 if mask_radius is None else float(mask_radius)
@@ -711,11 +712,12 @@ def normalize_particles(images: torch.Tensor, *, mask_radius: float | None = Non
     pixels = values[..., background]
     mean = pixels.mean(-1)
     std = pixels.std(-1, correction=0)
-    flat = (std == 0).reshape(std.shape[0], -1).any(1)
+    overall = values.flatten(-2).std(-1, correction=0)
+    flat = ((std == 0) | (std <= 1e-6 * overall)).reshape(std.shape[0], -1).any(1)
     if flat.any():
         raise DataError(
             f"normalize_particles: particle {int(flat.nonzero()[0])} has a constant background "
-            "(standard deviation 0); it cannot be normalized"
+            "(no noise outside the mask); it cannot be normalized against it (pass normalize=False)"
         )
     return (values - mean[..., None, None]) / std[..., None, None]
 
