@@ -240,9 +240,7 @@ def main() -> None:
     parser.add_argument("--z-dim", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
-    # 16 bins: on the clean hinge K = 16 posed every particle (theta cc 1.00 by epoch 3) where K = 8 fell into
-    # quarter-turn confusions (closing note of session 4)
-    parser.add_argument("--bins", type=int, default=16)
+    parser.add_argument("--bins", type=int, default=8)
     parser.add_argument("--channels", type=int, default=16, help="channels of the equivariant CNN")
     parser.add_argument("--precision", default="bf16", choices=ps.infer.PRECISIONS)
     parser.add_argument("--threads", type=int, default=None)

@@ -84,9 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--guides", nargs="+", default=list(GUIDES), choices=GUIDES)
     parser.add_argument("--epochs", type=int, default=12)
-    # 16 bins: on the clean hinge K = 16 posed every particle (theta cc 1.00 by epoch 3) where K = 8 fell into
-    # quarter-turn confusions (closing note of session 4)
-    parser.add_argument("--bins", type=int, default=16)
+    parser.add_argument("--bins", type=int, default=8)
     parser.add_argument("--z-dim", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
