@@ -117,6 +117,8 @@ class SpatialDecoder(nn.Module):
         self.activation = activation
         self.coord_linear = nn.Linear(coord_dim, hidden_dim)
         self.latent_linear = nn.Linear(z_dim, hidden_dim, bias=False) if z_dim > 0 else None
+        # the activation modules inside ``tail`` are not called (``_spatial_forward`` applies the activation
+        # functionally); they keep the Linear layers' indices, so state dicts and checkpoints stay as before
         self.tail = mlp_tail(hidden_dim, num_layers, out_dim, activation)
         # compiled as a function of the weights, so that module attribute lookups (Pyro's param store
         # behind PyroModule) stay outside the traced graph
