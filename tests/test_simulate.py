@@ -93,7 +93,10 @@ def test_hinge_model_geometry():
     assert closed.shape == opened.shape == (len(hinge_weights()), 3)
     moved = np.linalg.norm(closed - opened, axis=1) > 1e-6
     assert 0.2 < moved.mean() < 0.8  # the base stays, the arms move
-    assert HINGE_MAX_ANGLES[0] == 60.0
+    assert HINGE_MAX_ANGLES == (-90.0, 45.0)
+    # opening opens: the projected radius of gyration grows monotonically along the path
+    radii = [np.sqrt((hinge_model(t)[:, :2] ** 2).sum(1).mean()) for t in np.linspace(0, 1, 11)]
+    assert np.all(np.diff(radii) > 0) and radii[-1] > 1.4 * radii[0]
     # not symmetric under in-plane turns or a mirror: the projection changes
     image = _raw(simulate_particles(1, conformation=[closed], rotation="none", shift_std_pixels=0.0, **CLEAN))
     for turned in (torch.rot90(image, 1, (-2, -1)), torch.rot90(image, 2, (-2, -1)), image.flip(-1)):
