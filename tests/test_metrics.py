@@ -122,3 +122,18 @@ def test_equivariance_correlation_of_a_principal_axis_estimator_and_of_noise():
     assert abs(random) < 0.2
     with pytest.raises(ValueError, match="one angle per image"):
         M.equivariance_correlation(_principal_axis_angle, images, angles[:5])
+
+
+def test_circular_correlation_within_groups_forgives_a_frame_per_group_but_not_noise():
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(-math.pi, math.pi, 600)
+    groups = np.repeat([0, 1, 2], 200)
+    # each group posed perfectly in its own frame (e.g. 6s drawn as upside-down 9s)
+    estimate = truth + np.array([0.3, 0.3 + math.pi, 2.0])[groups]
+    assert M.circular_correlation(estimate, truth) < 0.5
+    assert M.circular_correlation_within(estimate, truth, groups) == pytest.approx(1.0)
+    noisy = estimate.copy()
+    noisy[groups == 2] = rng.uniform(-math.pi, math.pi, 200)  # one group not posed at all
+    assert M.circular_correlation_within(noisy, truth, groups) == pytest.approx(2 / 3, abs=0.1)
+    with pytest.raises(ValueError, match="lengths"):
+        M.circular_correlation_within(estimate, truth, groups[:10])
