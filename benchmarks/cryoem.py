@@ -14,8 +14,10 @@ theta ~ N(0, pi)), ``mlp-augment`` (the same with rotation augmentation), ``enum
 ``sample-equivariant`` / ``enum-mlp`` (:class:`pyro_svae.pose_search.PoseSearchGuide` on a model with
 ``rotation_bins`` and a uniform theta prior; enumeration runs the decoder once per bin).
 
-    # the table of the closing note (one thread, bf16 autocast)
-    python benchmarks/cryoem.py --threads 1 --guides enum-equivariant vanilla --out /tmp/cryoem.json
+    # the tables of the closing note (one thread, bf16 autocast, 5,000 / 1,000 particles)
+    python benchmarks/cryoem.py --threads 1 --lr 1e-3 --batch-size 25 --guides mlp vanilla
+    python benchmarks/cryoem.py --threads 1 --lr 1e-3 --batch-size 25 --epochs 8 --bins 16 \
+        --datasets snr0.1-ctf --guides enum-equivariant
     # small exploration of the guides
     python benchmarks/cryoem.py --train-size 1000 --test-size 200 --epochs 5 --lr 1e-3 --datasets snr1
     # the CTF's share of a training step at 64x64
