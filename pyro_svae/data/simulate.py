@@ -120,8 +120,7 @@ def hinge_model(opening: float) -> np.ndarray:
     gyration in projection 13.6 Å closed, 16.9 Å half open, 21.6 Å open), so the conformation also
     shows in rotation-invariant statistics of the image, not only once the pose is known. The origin is
     the centroid of the model at opening 0.5, the same for every opening, so the base does not move along
-    the path. Atom order
-    is fixed; weights are :func:`hinge_weights`.
+    the path. Atom order is fixed; weights are :func:`hinge_weights`.
     """
     if not 0.0 <= float(opening) <= 1.0:
         raise ValueError(f"opening must lie in [0, 1], got {opening}")
