@@ -85,6 +85,10 @@ def run(kind: str, dataset: str, train, test, args) -> dict:
     epochs = args.pose_epochs if search and args.pose_epochs else args.epochs
     lr = args.pose_lr if search and args.pose_lr else args.lr
     started = time.perf_counter()
+    optimizer, schedule = None, []
+    if args.lr_final is not None:
+        optimizer, step = ps.infer.decaying_adam(lr, args.lr_final, epochs)
+        schedule = [step]
     history = ps.fit(
         model,
         guide,
@@ -93,16 +97,18 @@ def run(kind: str, dataset: str, train, test, args) -> dict:
         epochs=epochs,
         batch_size=args.batch_size,
         learning_rate=lr,
+        optimizer=optimizer,
         precision=args.precision,
         seed=args.seed,
         progress=False,
         callbacks=[
+            *schedule,
             lambda e, r: print(
                 f"  {dataset} {kind} epoch {e}: train {r['train']['elbo']:.1f} test {r['test']['elbo']:.1f} "
                 f"theta r {r['test'].get('theta_circ_corr', float('nan')):.3f} "
                 f"({r['train']['seconds']:.0f} s)",
                 flush=True,
-            )
+            ),
         ],
     )
     wall = time.perf_counter() - started
@@ -117,6 +123,7 @@ def run(kind: str, dataset: str, train, test, args) -> dict:
         "guide": kind,
         "epochs": epochs,
         "lr": lr,
+        "lr_final": args.lr_final,
         "test_elbo": last["elbo"],
         "test_elbo_no_constant": last["elbo"] + gaussian_constant(height, width),
         "rho": rho,
@@ -133,6 +140,11 @@ def run(kind: str, dataset: str, train, test, args) -> dict:
         row["dx_corr"] = M.translation_correlation(means["dx"], test.dx)
     print(json.dumps({k: v for k, v in row.items() if k != "elbo_curve"}), flush=True)
     return row
+
+
+def _rate(row: dict) -> str:
+    final = row.get("lr_final")
+    return f"{row['lr']:g}" if final is None else f"{row['lr']:g} → {final:g}"
 
 
 def print_table(rows: list[dict], args) -> None:
@@ -154,7 +166,7 @@ def print_table(rows: list[dict], args) -> None:
         within = f"{r['theta_within_15deg']:.2f}" if "theta_within_15deg" in r else "–"
         dx = f"{r['dx_corr'][0]:.2f}, {r['dx_corr'][1]:.2f}" if "dx_corr" in r else "–"
         print(
-            f"| {LABELS[r['dataset']]} | {r['guide']} | {r['epochs']}, {r['lr']:g} | "
+            f"| {LABELS[r['dataset']]} | {r['guide']} | {r['epochs']}, {_rate(r)} | "
             f"{r['test_elbo']:.1f} / {r['test_elbo_no_constant']:.1f} | {r['rho']:.2f} | {r['knn_r2']:.2f} | "
             f"{theta} | {within} | {dx} | {r['s_per_epoch']:.1f} | {r['wall_s']:.0f} |"
         )
@@ -234,6 +246,9 @@ def main() -> None:
     parser.add_argument("--box", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--lr-final", type=float, default=None, help="decay the rate exponentially per epoch to this"
+    )
     parser.add_argument("--pose-epochs", type=int, default=None, help="epochs for the pose-search guides")
     parser.add_argument(
         "--pose-lr", type=float, default=None, help="learning rate for the pose-search guides"

@@ -99,11 +99,8 @@ def make_optimizer(args) -> tuple[pyro.optim.PyroOptim, list]:
     """Adam at ``--lr``; with ``--lr-final`` an exponential per-epoch decay to it (and its callback)."""
     if args.lr_final is None:
         return pyro.optim.Adam({"lr": args.lr}), []
-    gamma = (args.lr_final / args.lr) ** (1.0 / max(args.epochs - 1, 1))
-    scheduler = pyro.optim.ExponentialLR(
-        {"optimizer": torch.optim.Adam, "optim_args": {"lr": args.lr}, "gamma": gamma}
-    )
-    return scheduler, [lambda epoch, records: scheduler.step()]
+    scheduler, step = pyro_svae.infer.decaying_adam(args.lr, args.lr_final, args.epochs)
+    return scheduler, [step]
 
 
 def run_one(config: str, kind: str, train, test, args) -> dict:

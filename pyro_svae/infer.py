@@ -39,6 +39,7 @@ __all__ = [
     "History",
     "KLWeight",
     "linear_kl_annealing",
+    "decaying_adam",
     "resolve_device",
     "as_dataset",
     "fit",
@@ -190,6 +191,24 @@ def linear_kl_annealing(warmup_epochs: int, start: float = 0.0) -> Callable[[int
     if warmup_epochs < 1:
         raise ValueError(f"warmup_epochs must be >= 1, got {warmup_epochs}")
     return lambda epoch: min(1.0, start + (1.0 - start) * epoch / warmup_epochs)
+
+
+def decaying_adam(
+    learning_rate: float, final_learning_rate: float, epochs: int
+) -> tuple[pyro.optim.PyroLRScheduler, Callable[[int, dict], None]]:
+    """Adam whose learning rate decays exponentially, epoch by epoch, from ``learning_rate`` (first epoch)
+    to ``final_learning_rate`` (last epoch). Returns the optimizer and the callback that steps it:
+    ``fit(..., optimizer=optimizer, callbacks=[step])``."""
+    if not (learning_rate > 0 and final_learning_rate > 0) or epochs < 1:
+        raise ValueError(
+            f"positive learning rates and epochs >= 1 needed, got {learning_rate}, {final_learning_rate}, "
+            f"{epochs}"
+        )
+    gamma = (final_learning_rate / learning_rate) ** (1.0 / max(epochs - 1, 1))
+    scheduler = pyro.optim.ExponentialLR(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": learning_rate}, "gamma": gamma}
+    )
+    return scheduler, lambda epoch, records: scheduler.step()
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterable[torch.Tensor]:

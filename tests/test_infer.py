@@ -8,7 +8,7 @@ from conftest import make_ctf, requires_cuda
 
 from pyro_svae import AmortizedGuide, SpatialVAE, evaluate, fit
 from pyro_svae.data import DataError, ImageDataset, rotated_mnist
-from pyro_svae.infer import resolve_device
+from pyro_svae.infer import decaying_adam, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +240,27 @@ def test_auto_precision_resolves_from_the_hardware(monkeypatch):
     assert infer.resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(ValueError, match="precision"):
         infer.precision_context("fp64", cpu)
+
+
+def test_decaying_adam_reaches_the_final_rate_at_the_last_epoch():
+    data = torch.rand(8, 1, 6, 6)
+    model = SpatialVAE((6, 6), 1, hidden_dim=4)
+    guide = AmortizedGuide(model, hidden_dim=4)
+    optimizer, step = decaying_adam(1e-2, 1e-4, epochs=3)
+    rates = []
+    fit(
+        model,
+        guide,
+        data,
+        epochs=3,
+        batch_size=4,
+        optimizer=optimizer,
+        progress=False,
+        callbacks=[
+            lambda e, r: rates.append(next(iter(optimizer.optim_objs.values())).get_last_lr()[0]),
+            step,
+        ],
+    )
+    assert rates == pytest.approx([1e-2, 1e-3, 1e-4])
+    with pytest.raises(ValueError, match="learning rates"):
+        decaying_adam(1e-2, 0.0, epochs=3)
