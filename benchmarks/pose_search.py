@@ -7,7 +7,7 @@ degrees after the best global offset, test ELBO per image (1 sample) and IWAE bo
 digit clustering accuracy from posterior-mean z (KMeans, Hungarian matching), seconds per epoch, and the
 peak memory of one training step.
 
-    python benchmarks/pose_search.py --threads 1 --out /tmp/pose_search.json   # the table in the closing note
+    python benchmarks/pose_search.py --threads 1 --precision bf16 --out /tmp/pose_search.json  # closing note
     python benchmarks/pose_search.py --epochs 1 --train-size 200 --guides mlp enum-equivariant  # smoke
 """
 
