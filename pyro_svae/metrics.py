@@ -54,17 +54,16 @@ def circular_correlation_within(estimate, truth, groups, *, symmetry: int = 1) -
     an upside-down 9, a 4 lying on its side): :func:`circular_correlation` charges that to pose recovery,
     this does not, so the two together tell a wrong pose from a per-content choice of frame.
     """
-    estimate, truth, groups = _numpy(estimate), _numpy(truth), np.asarray(groups)
+    estimate, truth, groups = _numpy(estimate), _numpy(truth), _numpy(groups)
     if not (len(estimate) == len(truth) == len(groups)):
         raise ValueError(f"lengths differ: {len(estimate)}, {len(truth)}, {len(groups)}")
     total, weight = 0.0, 0
     for group in np.unique(groups):
         members = groups == group
-        if members.sum() > 1:
-            total += members.sum() * circular_correlation(
-                estimate[members], truth[members], symmetry=symmetry
-            )
-            weight += int(members.sum())
+        count = int(members.sum())
+        if count > 1:
+            total += count * circular_correlation(estimate[members], truth[members], symmetry=symmetry)
+            weight += count
     return total / weight if weight else 0.0
 
 
