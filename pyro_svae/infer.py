@@ -110,6 +110,14 @@ def model_inputs(model, data: ImageDataset, index: torch.Tensor, device: torch.d
     return {"ctf": data.ctf[index].to(device)}
 
 
+def guide_inputs(guide, data: ImageDataset, index: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """What a guide's summaries need besides the images: the model's inputs for a guide whose rotation
+    bins the model sums over (``PoseSearchGuide(mode="marginal")`` asks the model which bin fits), else
+    nothing."""
+    search_model = getattr(guide, "search_model", None)
+    return {} if search_model is None else model_inputs(search_model, data, index, device)
+
+
 def as_dataset(data, image_shape: Sequence[int] | None = None, *, name: str = "data") -> ImageDataset:
     """Wrap arrays/tensors as an :class:`ImageDataset` and check they fit a model's ``(C, H, W)``."""
     dataset = data if isinstance(data, ImageDataset) else ImageDataset(data, name=name)
@@ -236,7 +244,8 @@ def posterior_means(
     try:
         with precision_context(precision, device):
             for index in torch.arange(len(data)).split(batch_size):
-                means = guide.posterior_means(data.images[index].to(device))
+                inputs = guide_inputs(guide, data, index, device)
+                means = guide.posterior_means(data.images[index].to(device), **inputs)
                 for site, value in means.items():
                     out.setdefault(site, []).append(value.float().cpu())
     finally:
@@ -438,23 +447,42 @@ def fit(
 @torch.no_grad()
 def _log_weights(model, guide, images: torch.Tensor, particles: int, **inputs) -> dict[str, torch.Tensor]:
     """Per-particle, per-image terms ``(particles, B)``: log p(x, latents) - log q(latents | x), and the
-    reconstruction term log p(x | latents)."""
+    reconstruction term log p(x | latents).
+
+    Discrete sites that the model marks for parallel enumeration and the guide does not sample (the
+    rotation bins of ``SpatialVAE(enumerate_bins=True)``) are summed out exactly, as ``TraceEnum_ELBO``
+    does: the weights are then those of the model with the bins marginalized, and the reconstruction term
+    is ``log sum_bins p(bin) p(x | bin, latents)``."""
+    shape = (particles, images.shape[0])
+    enumerated_model = poutine.enum(model, first_available_dim=-1 - len(shape))
     with pyro.plate("particles", particles, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(images, **inputs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(images, **inputs)
-    shape = (particles, images.shape[0])
-    log_w = torch.zeros(shape, device=images.device)
+        model_trace = poutine.trace(poutine.replay(enumerated_model, trace=guide_trace)).get_trace(
+            images, **inputs
+        )
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    joint = torch.zeros(shape, device=images.device)
     recon = torch.zeros(shape, device=images.device)
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        trace.compute_log_prob()
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            log_prob = site["log_prob"].float().expand(shape)
-            log_w = log_w + sign * log_prob
-            if name == "obs" and sign > 0:
-                recon = recon + log_prob
-    return {"log_w": log_w, "recon": recon}
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        log_prob = site["log_prob"].float()
+        joint = joint + log_prob
+        if name == "obs" or site["infer"].get("_enumerate_dim") is not None:
+            recon = recon + log_prob
+    log_w = _sum_out_enumerated(joint, shape)
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            log_w = log_w - site["log_prob"].float().expand(shape)
+    return {"log_w": log_w, "recon": _sum_out_enumerated(recon, shape)}
+
+
+def _sum_out_enumerated(log_prob: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Log-sum-exp over the enumeration dims left of ``shape`` (none when nothing was enumerated)."""
+    while log_prob.dim() > len(shape):
+        log_prob = log_prob.logsumexp(0)
+    return log_prob.expand(shape)
 
 
 @torch.no_grad()
@@ -495,6 +523,9 @@ def evaluate(
     guide.eval()
     hidden = max((p.shape[0] for p in model.parameters() if p.dim() == 2), default=1)
     pixels = data.image_shape[1] * data.image_shape[2]
+    if getattr(model, "enumerate_bins", False):  # every image is rendered at all K bins at once
+        batch_size = max(1, min(batch_size, max_elements // (pixels * hidden * model.rotation_bins)))
+        max_elements = max_elements // model.rotation_bins
     elbos, bounds, recons = [], [], []
     try:
         for index in torch.arange(len(data)).split(batch_size):

@@ -93,6 +93,13 @@ class SpatialVAE(PyroModule):
     the bin centre, and ``theta | bin ~ N(centre, pi / K)``, so that the bins tile the theta prior (a
     uniform prior gives a nearly flat mixture on the circle). Guides may then enumerate the bin
     (``TraceEnum_ELBO``) or sample it (``TraceGraph_ELBO``); see :mod:`pyro_svae.pose_search`.
+
+    ``enumerate_bins=True`` (with ``rotation_bins``) moves the search into the model: ``theta = centre_k +
+    theta_offset`` with ``theta_offset ~ N(0, pi / K)`` a continuous site shared by all bins, ``theta_bin``
+    marked for parallel enumeration, and ``theta`` a deterministic site. ``TraceEnum_ELBO`` then sums the
+    bin out exactly (the decoder renders every image at all K angles and the likelihood picks the pose,
+    as the exhaustive pose searches of cryo-EM do); the guide gives ``z``, ``theta_offset`` and ``dx`` only,
+    and the bin's posterior given them comes from ``pyro.infer.infer_discrete``.
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class SpatialVAE(PyroModule):
         theta_prior_std: float = math.pi / 4,
         dx_prior_std: float = 0.1,
         rotation_bins: int | None = None,
+        enumerate_bins: bool = False,
         scale: bool = False,
         scale_prior: torch.distributions.Distribution | nn.Module | None = None,
         scale_prior_std: float = 0.25,
@@ -135,6 +143,8 @@ class SpatialVAE(PyroModule):
             raise ValueError(
                 f"rotation_bins must be an integer >= 2 on a model that rotates, got {rotation_bins!r}"
             )
+        if enumerate_bins and rotation_bins is None:
+            raise ValueError("enumerate_bins=True sums over rotation bins: give rotation_bins=K as well")
         if vanilla and compile:
             raise ValueError("compile applies to the spatial decoder; the vanilla decoder is not compiled")
         if vanilla and (scale or scale_prior is not None):
@@ -169,6 +179,7 @@ class SpatialVAE(PyroModule):
             "theta_prior_std": theta_prior_std,
             "dx_prior_std": dx_prior_std,
             "rotation_bins": rotation_bins,
+            "enumerate_bins": bool(enumerate_bins),
             "scale": self.scale,
             "scale_prior_std": scale_prior_std,
             "ctf": self.ctf,
@@ -229,6 +240,7 @@ class SpatialVAE(PyroModule):
         self.decoder = decoder
         self.register_buffer("grid", pixel_grid(height, width), persistent=False)
         self.rotation_bins = rotation_bins
+        self.enumerate_bins = bool(enumerate_bins)
         if rotation_bins is not None:
             self.register_buffer("bin_centres", bin_centres(rotation_bins), persistent=False)
             self.bin_scale = math.pi / rotation_bins
@@ -242,7 +254,9 @@ class SpatialVAE(PyroModule):
         sites: dict[str, tuple[int, ...]] = {"z": (self.z_dim,)}
         if self.rotation_bins is not None:
             sites["theta_bin"] = ()
-        if self.rotate:
+        if self.enumerate_bins:
+            sites["theta_offset"] = ()  # theta itself is deterministic
+        elif self.rotate:
             sites["theta"] = ()
         if self.translate:
             sites["dx"] = (2,)
@@ -350,6 +364,10 @@ class SpatialVAE(PyroModule):
             return pyro.sample("theta", self.theta_prior())
         centres = self.bin_centres
         logits = self.theta_prior().log_prob(centres)
+        if self.enumerate_bins:
+            index = pyro.sample("theta_bin", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
+            offset = pyro.sample("theta_offset", dist.Normal(centres.new_zeros(()), self.bin_scale))
+            return pyro.deterministic("theta", centres[index] + offset)
         index = pyro.sample("theta_bin", dist.Categorical(logits=logits))
         return pyro.sample("theta", dist.Normal(centres[index], self.bin_scale))
 

@@ -6,7 +6,10 @@ For a :class:`~pyro_svae.model.SpatialVAE` built with ``rotation_bins=K``:
   ``theta | bin=k ~ N(centre_k + offset_k(x), scale_k(x))``. With ``mode="enumerate"`` the bin is
   marked for parallel enumeration and ``TraceEnum_ELBO`` sums over all K bins exactly (the decoder runs
   on K rotated grids at once); with ``mode="sample"`` it is sampled and ``TraceGraph_ELBO`` gives
-  score-function gradients for it. ``guide.default_loss()`` returns the matching ELBO.
+  score-function gradients for it. With ``mode="marginal"`` (the default for a model built with
+  ``enumerate_bins=True``) the guide has no bin at all: it gives ``theta_offset ~ N(offset(x), scale(x))``
+  and the model sums over the bins itself, so the pose is found by the decoder's likelihood at every bin
+  rather than predicted by the encoder. ``guide.default_loss()`` returns the matching ELBO.
 * :class:`RotationEquivariantEncoder` applies one CNN to K rotated copies of each image, so turning the
   image by one bin shifts its bin logits by one bin; content features are pooled over the copies (rotation
   invariant) and the position comes from a soft-argmax over the image (translation equivariant).
@@ -19,6 +22,7 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
@@ -31,6 +35,10 @@ from .guides import NormalFamily, default_family
 from .model import SpatialVAE, images_plate, unique_name
 
 __all__ = ["RotationEquivariantEncoder", "PoseSearchGuide"]
+
+
+def _no_latents(*args, **kwargs) -> None:
+    """A guide with nothing to sample: the model is conditioned on every continuous latent."""
 
 
 class RotationEquivariantEncoder(nn.Module):
@@ -112,7 +120,7 @@ class PoseSearchGuide(PyroModule):
         model: SpatialVAE,
         encoder: str | nn.Module = "equivariant",
         *,
-        mode: str = "enumerate",
+        mode: str | None = None,
         hidden_dim: int = 500,
         num_layers: int = 2,
         activation: str = "tanh",
@@ -122,9 +130,19 @@ class PoseSearchGuide(PyroModule):
         super().__init__(name=name or unique_name("guide"))
         if model.rotation_bins is None:
             raise ValueError("PoseSearchGuide needs a model built with rotation_bins=K")
-        if mode not in ("enumerate", "sample"):
-            raise ValueError(f"mode must be 'enumerate' or 'sample', got {mode!r}")
+        if mode is None:
+            mode = "marginal" if model.enumerate_bins else "enumerate"
+        if mode not in ("enumerate", "sample", "marginal"):
+            raise ValueError(f"mode must be 'enumerate', 'sample' or 'marginal', got {mode!r}")
+        if (mode == "marginal") != model.enumerate_bins:
+            raise ValueError(
+                "mode='marginal' goes with a model that sums over its bins (enumerate_bins=True) and "
+                f"the other modes with one that does not; got mode={mode!r}, "
+                f"enumerate_bins={model.enumerate_bins}"
+            )
         self.mode = mode
+        if mode == "marginal":  # the bin posterior is the model's; kept out of the module tree
+            object.__setattr__(self, "search_model", model)
         self.bins = bins = model.rotation_bins
         self.image_shape = model.image_shape
         self.site_shapes = dict(model.latent_sites)
@@ -148,7 +166,9 @@ class PoseSearchGuide(PyroModule):
         self.structured = hasattr(encoder, "bin_feature_dim")
         self.z_family = NormalFamily((model.z_dim,))
         self.z_head = nn.Linear(features, self.z_family.num_params)
-        if self.structured:
+        if mode == "marginal" and not self.structured:
+            self.offset_head = nn.Linear(features, 2)  # the offset shared by all bins: loc, log scale
+        elif self.structured:
             self.offset_head = nn.Linear(encoder.bin_feature_dim, 2)  # per bin: offset, log scale
         else:
             self.bin_head = nn.Linear(features, bins)
@@ -158,7 +178,8 @@ class PoseSearchGuide(PyroModule):
             self.dx_family = NormalFamily.for_prior((2,), model.dx_prior())
             self.dx_head = nn.Linear(features, self.dx_family.num_params)
         # further pose sites (e.g. ``scale``) are rotation invariant: read from the pooled features
-        other = [site for site in self.site_shapes if site not in ("z", "theta_bin", "theta", "dx")]
+        pose = ("z", "theta_bin", "theta", "theta_offset", "dx")
+        other = [site for site in self.site_shapes if site not in pose]
         self.other_families = nn.ModuleDict({site: default_family(model, site) for site in other})
         self.other_heads = nn.ModuleDict(
             {site: nn.Linear(features, fam.num_params) for site, fam in self.other_families.items()}
@@ -168,7 +189,7 @@ class PoseSearchGuide(PyroModule):
 
     def default_loss(self) -> pyro.infer.ELBO:
         """The ELBO that fits the mode: ``TraceEnum_ELBO`` (enumerate) or ``TraceGraph_ELBO`` (sample)."""
-        if self.mode == "enumerate":
+        if self.mode in ("enumerate", "marginal"):
             return TraceEnum_ELBO(max_plate_nesting=1)
         return TraceGraph_ELBO()
 
@@ -177,27 +198,33 @@ class PoseSearchGuide(PyroModule):
         return False
 
     def raw_params(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``bin_logits`` ``(B, K)``, ``offset`` / ``log_scale`` ``(B, K)``, ``z`` and ``dx`` head outputs."""
+        """``bin_logits`` ``(B, K)``, ``offset`` / ``log_scale`` ``(B, K)`` (``(B,)`` in marginal mode, which
+        has no bin logits), ``z`` and ``dx`` head outputs."""
         encoded = self.encoder(images)
         dtype = images.dtype  # under autocast the networks' outputs may be low precision
         if isinstance(encoded, dict):
             encoded = {key: value.to(dtype) for key, value in encoded.items()}
         else:
             encoded = encoded.to(dtype)
-        if self.structured:
-            features = encoded["features"]
+        features = encoded["features"] if self.structured else encoded
+        raw: dict[str, torch.Tensor] = {}
+        if self.mode == "marginal" and self.structured:
+            # each copy's estimate of its own offset, weighted by how well the copy is turned upright: the
+            # mixture moves with fractional turns of the image and not with whole bins
+            per_bin = self.offset_head(encoded["bin_features"]).to(dtype)  # (B, K, 2)
+            weights = torch.softmax(encoded["bin_logits"], -1).unsqueeze(-1)
+            offset, log_scale = (weights * per_bin).sum(-2).unbind(-1)
+        elif self.mode == "marginal":
+            offset, log_scale = self.offset_head(features).to(dtype).unbind(-1)
+        elif self.structured:
             offset, log_scale = self.offset_head(encoded["bin_features"]).to(dtype).unbind(-1)
-            logits = encoded["bin_logits"]
+            raw["bin_logits"] = encoded["bin_logits"]
         else:
-            features = encoded
-            logits = self.bin_head(features).to(dtype)
+            raw["bin_logits"] = self.bin_head(features).to(dtype)
             offset, log_scale = self.offset_head(features).to(dtype).chunk(2, -1)
-        raw = {
-            "bin_logits": logits,
-            "offset": offset,
-            "log_scale": log_scale + math.log(self.bin_scale_init),
-            "z": self.z_head(features).to(dtype),
-        }
+        raw["offset"] = offset
+        raw["log_scale"] = log_scale + math.log(self.bin_scale_init)
+        raw["z"] = self.z_head(features).to(dtype)
         if self.translate:
             dx_raw = self.dx_head(features).to(dtype)
             if self.structured:  # the soft-argmax position is the equivariant part of the mean
@@ -207,45 +234,86 @@ class PoseSearchGuide(PyroModule):
             raw[site] = head(features).to(dtype)
         return raw
 
-    def distributions(self, images: torch.Tensor) -> dict[str, dist.Distribution]:
-        """``q`` per site, batch ``(B,)``; ``theta`` is the marginal mixture over bins."""
+    def distributions(self, images: torch.Tensor, **model_inputs) -> dict[str, dist.Distribution]:
+        """``q`` per site, batch ``(B,)``; ``theta`` is the marginal mixture over bins. In marginal mode the
+        bins are the model's: ``theta_offset`` is the guide's, and ``theta_bin`` / ``theta`` use the bin
+        posterior of :meth:`bin_posterior` (which needs the model's inputs, ``ctf``)."""
         raw = self.raw_params(images)
-        loc = self.centres + raw["offset"]
-        q = {
-            "z": self.z_family(raw["z"]),
-            "theta_bin": dist.Categorical(logits=raw["bin_logits"]),
-            "theta": dist.MixtureSameFamily(
-                dist.Categorical(logits=raw["bin_logits"]), dist.Normal(loc, raw["log_scale"].exp())
-            ),
-        }
+        q = {"z": self.z_family(raw["z"])}
+        scale = raw["log_scale"].exp()
+        if self.mode == "marginal":
+            q["theta_offset"] = dist.Normal(raw["offset"], scale)
+            logits = self.bin_posterior(images, raw, **model_inputs).log()
+            loc = self.centres + raw["offset"].unsqueeze(-1)
+            scale = scale.unsqueeze(-1).expand(loc.shape)
+        else:
+            logits, loc = raw["bin_logits"], self.centres + raw["offset"]
+        q["theta_bin"] = dist.Categorical(logits=logits)
+        q["theta"] = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale))
         if self.translate:
             q["dx"] = self.dx_family(raw["dx"])
         for site, family in self.other_families.items():
             q[site] = family(raw[site])
         return q
 
-    def posterior_means(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def posterior_means(self, images: torch.Tensor, **model_inputs) -> dict[str, torch.Tensor]:
         """Point summaries per image: ``z`` and ``dx`` means; ``theta``: the angle of the most probable bin
         (the posterior over bins is often multi-modal, e.g. turned by pi for elongated digits, where a
         circular mean falls between the modes); ``theta_circular_mean`` of the whole mixture; the
-        ``theta_bin`` mode."""
+        ``theta_bin`` mode. In marginal mode the bins' probabilities are the model's given the other
+        latents at their means (:meth:`bin_posterior`, which needs the model's inputs, ``ctf``)."""
         raw = self.raw_params(images)
-        probs = torch.softmax(raw["bin_logits"], -1)
-        angle = self.centres + raw["offset"]
+        if self.mode == "marginal":
+            probs = self.bin_posterior(images, raw, **model_inputs)
+            angle = self.centres + raw["offset"].unsqueeze(-1)
+        else:
+            probs = torch.softmax(raw["bin_logits"], -1)
+            angle = self.centres + raw["offset"]
         best = probs.argmax(-1, keepdim=True)
         cos = (probs * torch.cos(angle)).sum(-1)
         sin = (probs * torch.sin(angle)).sum(-1)
-        means = {
-            "z": self.z_family.mean(raw["z"]),
+        return {
+            **self.continuous_means(raw),
             "theta": wrap_angle(angle.gather(-1, best).squeeze(-1)),
             "theta_circular_mean": torch.atan2(sin, cos),
             "theta_bin": best.squeeze(-1),
         }
+
+    def continuous_means(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Means of the sites the guide samples besides the bin: ``z``, ``dx``, others (marginal mode:
+        ``theta_offset`` too)."""
+        means = {"z": self.z_family.mean(raw["z"])}
+        if self.mode == "marginal":
+            means["theta_offset"] = raw["offset"]
         if self.translate:
             means["dx"] = self.dx_family.mean(raw["dx"])
         for site, family in self.other_families.items():
             means[site] = family.mean(raw[site])
         return means
+
+    @torch.no_grad()
+    def bin_posterior(
+        self, images: torch.Tensor, raw: dict[str, torch.Tensor] | None = None, **model_inputs
+    ) -> torch.Tensor:
+        """Marginal mode: ``p(bin | image, other latents at the guide's means)`` ``(B, K)``, from the model's
+        likelihood at every bin (``TraceEnum_ELBO.compute_marginals``). ``model_inputs``: what the model
+        needs besides the images (``ctf`` rows)."""
+        if self.mode != "marginal":
+            raise ValueError("bin_posterior is the model's posterior over bins: it needs mode='marginal'")
+        raw = self.raw_params(images) if raw is None else raw
+        means = self.continuous_means(raw)
+        model = self.search_model
+        # the decoder renders every image at all K angles: bound the activations held at once
+        _, height, width = self.image_shape
+        chunk = max(1, 2**25 // (self.bins * height * width * model.config["hidden_dim"]))
+        marginals = TraceEnum_ELBO(max_plate_nesting=1)
+        probs = []
+        for index in torch.arange(images.shape[0], device=images.device).split(chunk):
+            conditioned = poutine.condition(model, data={site: value[index] for site, value in means.items()})
+            inputs = {key: value[index] for key, value in model_inputs.items()}
+            found = marginals.compute_marginals(conditioned, _no_latents, images[index], **inputs)
+            probs.append(found["theta_bin"].probs.reshape(len(index), self.bins))
+        return torch.cat(probs).to(images.dtype)
 
     def forward(
         self,
@@ -255,24 +323,30 @@ class PoseSearchGuide(PyroModule):
         num_images: int | None = None,
         **model_only,
     ) -> dict[str, torch.Tensor]:
-        """Sample ``z``, ``theta_bin``, ``theta`` (and ``dx``) for ``images`` ``(B, C, H, W)``; keywords
-        only the model uses (``ctf``) are ignored."""
+        """Sample ``z``, ``theta_bin``, ``theta`` (marginal mode: ``theta_offset``) and ``dx`` for ``images``
+        ``(B, C, H, W)``; keywords only the model uses (``ctf``) are ignored."""
         batch = images.shape[0]
         raw = self.raw_params(images)
         infer = {"enumerate": "parallel"} if self.mode == "enumerate" else {}
         values = {}
         with images_plate(batch, data_size, images.device):
             values["z"] = pyro.sample("z", self.z_family(raw["z"]))
-            index = pyro.sample("theta_bin", dist.Categorical(logits=raw["bin_logits"]), infer=infer)
-            loc = self.centres[index] + Vindex(raw["offset"])[..., index]
-            scale = Vindex(raw["log_scale"])[..., index].exp()
-            values["theta_bin"] = index
-            values["theta"] = pyro.sample("theta", dist.Normal(loc, scale))
+            if self.mode == "marginal":
+                offset = dist.Normal(raw["offset"], raw["log_scale"].exp())
+                values["theta_offset"] = pyro.sample("theta_offset", offset)
+            else:
+                values.update(self._sample_bin_and_theta(raw, infer))
             if self.translate:
                 values["dx"] = pyro.sample("dx", self.dx_family(raw["dx"]))
             for site, family in self.other_families.items():
                 values[site] = pyro.sample(site, family(raw[site]))
         return values
+
+    def _sample_bin_and_theta(self, raw: dict, infer: dict) -> dict[str, torch.Tensor]:
+        index = pyro.sample("theta_bin", dist.Categorical(logits=raw["bin_logits"]), infer=infer)
+        loc = self.centres[index] + Vindex(raw["offset"])[..., index]
+        scale = Vindex(raw["log_scale"])[..., index].exp()
+        return {"theta_bin": index, "theta": pyro.sample("theta", dist.Normal(loc, scale))}
 
     def guide(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return self(*args, **kwargs)

@@ -54,7 +54,7 @@ from .data import (
 )
 from .data.loaders import _FOLDER_SUFFIXES, _suffix
 from .guides import AmortizedGuide
-from .infer import evaluate, posterior_means, recovery_metrics
+from .infer import evaluate, guide_inputs, posterior_means, recovery_metrics
 from .model import SpatialVAE
 from .pose_search import PoseSearchGuide
 
@@ -692,7 +692,8 @@ def sample_posterior(
     device = next(guide.parameters()).device
     out: dict[str, list[torch.Tensor]] = {}
     for index in torch.arange(len(data)).split(batch_size):
-        for site, q in guide.distributions(data.images[index].to(device)).items():
+        inputs = guide_inputs(guide, data, index, device)
+        for site, q in guide.distributions(data.images[index].to(device), **inputs).items():
             out.setdefault(site, []).append(q.sample((draws,)).float().cpu())
     return {site: torch.cat(values, dim=1).numpy() for site, values in out.items()}
 
@@ -709,6 +710,7 @@ def posterior_inference_data(
         "z": ["image", "z_dim"],
         "theta": ["image"],
         "theta_bin": ["image"],
+        "theta_offset": ["image"],
         "dx": ["image", "xy"],
         "scale": ["image"],
     }
@@ -911,8 +913,9 @@ def posterior_summaries(
     try:
         for index in torch.arange(len(data)).split(batch_size):
             images = data.images[index].to(device)
-            means = guide.posterior_means(images)
-            q = guide.distributions(images)
+            inputs = guide_inputs(guide, data, index, device)
+            means = guide.posterior_means(images, **inputs)
+            q = guide.distributions(images, **inputs)
             for site in ("z", "theta", "dx", "scale"):
                 if site not in q:
                     continue

@@ -6,9 +6,11 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_svae import SpatialVAE, evaluate, fit
+from pyro_svae import SpatialVAE, evaluate, fit, posterior_means
 from pyro_svae.coords import bin_centres, pixel_grid, transform_images
+from pyro_svae.data import preprocess_particles, simulate_particles
 from pyro_svae.pose_search import PoseSearchGuide, RotationEquivariantEncoder
+from pyro_svae.runs import posterior_summaries
 
 UNIFORM = dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
 
@@ -102,9 +104,9 @@ def test_enumerated_and_sampled_bins_estimate_the_same_elbo():
     assert enumerated == pytest.approx(sampled, rel=0.01)
 
 
-@pytest.mark.parametrize("mode", ["enumerate", "sample"])
+@pytest.mark.parametrize("mode", ["enumerate", "sample", "marginal"])
 def test_every_parameter_trains_with_the_matching_elbo(mode):
-    model = binned_model(4)
+    model = binned_model(4, enumerate_bins=mode == "marginal")
     guide = PoseSearchGuide(model, "equivariant", mode=mode, hidden_dim=8, channels=4)
     images = torch.rand(6, 1, 12, 12)
     params = {**dict(model.named_parameters()), **{f"g.{k}": v for k, v in guide.named_parameters()}}
@@ -124,3 +126,108 @@ def test_fit_uses_the_guides_matching_elbo_and_evaluate_samples_bins():
     assert math.isfinite(history.last("test")["elbo"])
     report = evaluate(model, guide, data[:8], num_particles=4)
     assert report["iw_elbo"] >= report["elbo"] - 1e-3
+
+
+def test_a_model_that_sums_over_bins_keeps_the_offset_as_its_continuous_site():
+    model = binned_model(4, enumerate_bins=True)
+    assert list(model.latent_sites) == ["z", "theta_bin", "theta_offset", "dx"]
+    trace = poutine.trace(model).get_trace(torch.rand(3, 1, 12, 12))
+    assert trace.nodes["theta_bin"]["infer"]["enumerate"] == "parallel"
+    theta = trace.nodes["theta"]
+    assert theta["infer"].get("_deterministic")
+    expected = bin_centres(4)[trace.nodes["theta_bin"]["value"]] + trace.nodes["theta_offset"]["value"]
+    assert torch.allclose(theta["value"], expected)
+    assert float(trace.nodes["theta_offset"]["fn"].scale[0]) == pytest.approx(math.pi / 4)
+    with pytest.raises(ValueError, match="rotation_bins=K"):
+        SpatialVAE((12, 12), 2, enumerate_bins=True)
+    with pytest.raises(ValueError, match="enumerate_bins"):
+        PoseSearchGuide(model, "mlp", mode="enumerate")
+    with pytest.raises(ValueError, match="enumerate_bins"):
+        PoseSearchGuide(binned_model(4), "mlp", mode="marginal")
+    guide = PoseSearchGuide(model, "mlp", hidden_dim=8)
+    guide_trace = poutine.trace(guide).get_trace(torch.rand(2, 1, 12, 12))
+    sampled = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"]
+    assert guide.mode == "marginal" and sampled == ["images", "z", "theta_offset", "dx"]
+
+
+def test_summing_over_bins_in_the_model_matches_a_hand_computation():
+    """TraceEnum_ELBO and evaluate() both give log sum_k p(k) p(x | z, centre_k + offset, dx) + log p(z,
+    offset, dx) - log q(z, offset, dx) for the same guide draw."""
+    model = binned_model(4, enumerate_bins=True)
+    guide = PoseSearchGuide(model, "mlp", hidden_dim=8)
+    images = torch.rand(5, 1, 12, 12)
+    pyro.set_rng_seed(3)
+    loss = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, images)
+    pyro.set_rng_seed(3)
+    draw = poutine.trace(guide).get_trace(images)
+    draw.compute_log_prob()
+    z, offset, dx = (draw.nodes[site]["value"] for site in ("z", "theta_offset", "dx"))
+    with torch.no_grad():
+        obs = images.reshape(5, -1, 1)
+        per_bin = torch.stack(
+            [model.likelihood(model.render(z, c + offset, dx)).log_prob(obs) for c in bin_centres(4)]
+        )  # (K, B)
+        log_px = torch.logsumexp(per_bin - math.log(4), 0)
+        log_prior = (
+            dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+            + dist.Normal(0.0, math.pi / 4).log_prob(offset)
+            + dist.Normal(0.0, 0.1).log_prob(dx).sum(-1)
+        )
+        log_q = sum(draw.nodes[site]["log_prob"] for site in ("z", "theta_offset", "dx"))
+        expected = log_px + log_prior - log_q  # (B,)
+    assert -loss == pytest.approx(float(expected.sum()), rel=1e-5)
+    report = evaluate(model, guide, images, num_particles=1, seed=3)
+    assert torch.allclose(report["per_image_elbo"], expected, rtol=1e-5)
+    assert torch.allclose(
+        report["reconstruction"] * torch.ones(()), log_px.mean(), rtol=1e-5
+    )  # the bins are summed out of the reconstruction term too
+
+
+def test_marginal_guide_poses_images_with_the_decoders_best_bin():
+    """Images the model renders at bin 1 (z, offset and shift 0): with the guide's means at those values,
+    the bin the posterior summary picks is the one they were rendered at."""
+    torch.manual_seed(0)
+    model = binned_model(4, enumerate_bins=True, translate=False)
+    guide = PoseSearchGuide(model, "mlp", hidden_dim=8)
+    with torch.no_grad():
+        for head in (guide.z_head, guide.offset_head):
+            head.weight.zero_()
+            head.bias.zero_()
+        z = torch.zeros(3, 2)
+        theta = torch.full((3,), float(bin_centres(4)[1]))
+        images = model.likelihood.mean(model.render(z, theta)).reshape(3, 1, 12, 12)
+        means = guide.posterior_means(images)
+        probs = guide.bin_posterior(images)
+        per_bin = torch.stack(
+            [
+                model.likelihood(model.render(z, c.expand(3))).log_prob(images.reshape(3, -1, 1))
+                for c in bin_centres(4)
+            ]
+        )
+    assert means["theta_bin"].tolist() == [1, 1, 1] and means["theta_bin"].dtype == torch.long
+    assert torch.allclose(means["theta"], theta)
+    assert torch.allclose(probs, torch.softmax(per_bin.T, -1), atol=1e-5)  # uniform prior over bins
+    q_theta = guide.distributions(images)["theta"]
+    assert torch.allclose(q_theta.mixture_distribution.probs, probs, atol=1e-5)
+
+
+def test_marginal_guide_trains_and_summarizes_particles_with_their_ctf():
+    particles = preprocess_particles(simulate_particles(12, box=16, snr=1.0, ctf=True, seed=0))
+    model = SpatialVAE(
+        (16, 16),
+        1,
+        rotation_bins=4,
+        enumerate_bins=True,
+        theta_prior=UNIFORM,
+        likelihood="gaussian",
+        ctf=True,
+        hidden_dim=8,
+    )
+    guide = PoseSearchGuide(model, "equivariant", hidden_dim=8, channels=4)
+    history = fit(model, guide, particles, test=particles, epochs=1, batch_size=6, progress=False)
+    assert math.isfinite(history.last("test")["elbo"]) and "theta_circ_corr" in history.last("test")
+    means = posterior_means(guide, particles)
+    assert means["theta"].shape == (12,) and means["z"].shape == (12, 1)
+    summary = posterior_summaries(guide, particles, draws=20)  # what the STAR export writes
+    assert summary["theta_mean"].shape == (12,) and bool((summary["theta_std"] > 0).all())
+    assert torch.allclose(summary["theta_mean"], means["theta"])
