@@ -439,6 +439,7 @@ CONTRADICTIONS = {
     "pose search with augmentation": (["--pose-search", "8", "--augment-rotation"], "--augment-rotation"),
     "pose search with one bin": (["--pose-search", "1"], "at least 2 rotation bins"),
     "pose search with pixel subsampling": (["--pose-search", "8", "--pixel-subsample", "20"], "give one"),
+    "pose search mode without pose search": (["--pose-search-mode", "marginal"], "add --pose-search"),
     "pixel subsampling with vanilla": (["--vanilla", "--pixel-subsample", "20"], "--pixel-subsample"),
     "too many pixels": (["--pixel-subsample", "500"], "196 pixels"),
     "compile with vanilla": (["--vanilla", "--compile"], "--compile"),
@@ -887,6 +888,7 @@ def test_help_lists_the_particle_and_model_options(capsys):
         "--scale-prior",
         "--augment-rotation",
         "--pose-search",
+        "--pose-search-mode",
         "--pixel-subsample",
         "--compile",
         "--precision",
@@ -919,3 +921,22 @@ def test_compiled_particle_run_trains_and_evaluates(capsys, simulated, tmp_path)
     assert code == 0, err
     code, _, err = run(capsys, "evaluate", out)
     assert code == 0, err
+
+
+def test_particle_pose_search_sums_bins_in_the_model_and_exports_the_posterior(capsys, simulated, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--particles", simulated, "--pose-search", "4", "--out", out]
+    code, stdout, err = run(capsys, "train", *flags, *PARTICLE_TINY)
+    assert code == 0, err
+    assert "pose search over 4 rotation bins, summed out by the model" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["enumerate_bins"] is True and config["guide"]["mode"] == "marginal"
+    table = star_table(out / "particles.star")
+    assert table["rlnAnglePsi"].notna().all() and (table["pyroSvaePsiStdDeg"] > 0).all()
+    code, _, err = run(capsys, "evaluate", out)
+    assert code == 0, err
+    # the encoder-scored bins stay one flag away
+    other = [*flags[:4], "--pose-search-mode", "enumerate", "--out", tmp_path / "b"]
+    code, stdout, err = run(capsys, "train", *other, *PARTICLE_TINY)
+    assert code == 0, err
+    assert "scored by the encoder" in stdout
