@@ -7,6 +7,11 @@ degrees after the best global offset, test ELBO per image (1 sample) and IWAE bo
 digit clustering accuracy from posterior-mean z (KMeans, Hungarian matching), seconds per epoch, and the
 peak memory of one training step.
 
+Guides: ``mlp`` (the paper's), ``enum-mlp`` / ``enum-equivariant`` (the encoder scores K rotation bins and
+``TraceEnum_ELBO`` sums over them), ``marginal-equivariant`` (the model sums the bins out,
+``SpatialVAE(enumerate_bins=True)``: the decoder's likelihood at every bin picks the pose) and
+``sample-equivariant`` (the bin sampled, score-function gradients).
+
     python benchmarks/pose_search.py --threads 1 --precision bf16 --out /tmp/pose_search.json  # closing note
     python benchmarks/pose_search.py --epochs 1 --train-size 200 --guides mlp enum-equivariant  # smoke
 """
@@ -29,7 +34,8 @@ import pyro_svae as ps
 from pyro_svae import metrics as M
 from pyro_svae.pose_search import PoseSearchGuide
 
-GUIDES = ("mlp", "enum-mlp", "enum-equivariant", "sample-equivariant")
+GUIDES = ("mlp", "enum-mlp", "enum-equivariant", "marginal-equivariant", "sample-equivariant")
+MODES = {"enum": "enumerate", "sample": "sample", "marginal": "marginal"}
 
 
 def build(kind: str, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
@@ -38,9 +44,16 @@ def build(kind: str, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
         model = ps.SpatialVAE((28, 28), args.z_dim, theta_prior_std=math.pi, **common)
         return model, ps.AmortizedGuide(model, hidden_dim=args.hidden, num_layers=args.layers)
     uniform = dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
-    model = ps.SpatialVAE((28, 28), args.z_dim, rotation_bins=args.bins, theta_prior=uniform, **common)
     mode, encoder = kind.split("-")
-    mode = "enumerate" if mode == "enum" else "sample"
+    mode = MODES[mode]
+    model = ps.SpatialVAE(
+        (28, 28),
+        args.z_dim,
+        rotation_bins=args.bins,
+        enumerate_bins=mode == "marginal",
+        theta_prior=uniform,
+        **common,
+    )
     guide = PoseSearchGuide(
         model, encoder, mode=mode, hidden_dim=args.hidden, num_layers=args.layers, channels=args.channels
     )

@@ -66,9 +66,10 @@ def _mlp(sizes: list[int], final_activation: bool) -> nn.Sequential:
 class RawVAE(nn.Module):
     """spatial-VAE (or the vanilla VAE) with a hand-coded ELBO, as in the original code.
 
-    The encoder's last layer emits ``[mu, log_std]`` for the latents ``[z, theta, dx]`` in one
-    ``Linear``; the spatial decoder's first layer is ``coords @ W_c + z @ W_z + b`` broadcast over
-    pixels; coordinates are ``(grid - dx) @ R(theta)`` (``pyro_svae``'s pose convention).
+    The encoder's last layer emits ``[mu, log_std]`` for the latents ``[z, theta, dx]`` (those switched on)
+    in one ``Linear``; theta is in radians and dx in grid units, each with its normal prior; the spatial
+    decoder's first layer is ``coords @ W_c + z @ W_z + b`` broadcast over pixels; coordinates are
+    ``(grid - dx) @ R(theta)`` (``pyro_svae``'s pose convention).
     """
 
     def __init__(
@@ -78,6 +79,8 @@ class RawVAE(nn.Module):
         layers: int,
         z_dim: int = 2,
         vanilla: bool = False,
+        rotate: bool = True,
+        translate: bool = True,
         theta_prior_std: float = math.pi / 4,
         dx_prior_std: float = 0.1,
         height: int = 28,
@@ -85,9 +88,10 @@ class RawVAE(nn.Module):
     ) -> None:
         super().__init__()
         self.z_dim, self.vanilla = z_dim, vanilla
+        self.rotate, self.translate = rotate and not vanilla, translate and not vanilla
         self.theta_prior_std, self.dx_prior_std = theta_prior_std, dx_prior_std
         self.num_pixels = height * width
-        self.num_latent = z_dim if vanilla else z_dim + 3
+        self.num_latent = z_dim + int(self.rotate) + 2 * int(self.translate)
         self.encoder = _mlp([self.num_pixels] + [hidden] * layers + [2 * self.num_latent], False)
         if vanilla:
             self.decoder = _mlp([z_dim] + [hidden] * layers + [self.num_pixels], False)
@@ -102,11 +106,17 @@ class RawVAE(nn.Module):
         """Standard-normal noise per latent, drawn like Pyro's ``Normal.rsample`` (same RNG calls)."""
         from torch.distributions.utils import _standard_normal
 
-        shapes = [(batch, self.z_dim)] if self.vanilla else [(batch, self.z_dim), (batch,), (batch, 2)]
+        shapes = [(batch, self.z_dim)] + [(batch,)] * self.rotate + [(batch, 2)] * self.translate
         return [_standard_normal(s, dtype=self.grid.dtype, device=self.grid.device) for s in shapes]
 
     def loss(self, images: torch.Tensor, data_size: int, *, kl: str = "analytic") -> torch.Tensor:
         """Negative ELBO of the batch scaled to the data set (``data_size / B`` times the batch sum)."""
+        elbo, _ = self.elbo(images, kl=kl)
+        return -elbo.sum() * (data_size / images.shape[0])
+
+    def elbo(self, images: torch.Tensor, *, kl: str = "analytic") -> tuple[torch.Tensor, torch.Tensor]:
+        """One-sample ELBO per image ``(B,)`` and the posterior means ``(B, num_latent)`` (``[z, theta,
+        dx]``)."""
         batch = images.shape[0]
         y = images.reshape(batch, -1)
         mu, log_std = self.encoder(y).chunk(2, dim=-1)
@@ -118,13 +128,18 @@ class RawVAE(nn.Module):
             logits = self.decoder(z)
             prior_std = torch.ones(self.z_dim, dtype=y.dtype, device=y.device)
         else:
-            theta, dx = latent[:, self.z_dim], latent[:, self.z_dim + 1 :]
-            cos, sin = torch.cos(theta), torch.sin(theta)
-            rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
-            coords = torch.bmm(self.grid - dx.unsqueeze(1), rot)  # (B, P, 2)
+            coords = self.grid.expand(batch, -1, -1)  # (B, P, 2)
+            if self.translate:
+                coords = coords - latent[:, -2:].unsqueeze(1)
+            if self.rotate:
+                theta = latent[:, self.z_dim]
+                cos, sin = torch.cos(theta), torch.sin(theta)
+                rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+                coords = torch.bmm(coords, rot)
             hidden = self.coord_linear(coords) + self.latent_linear(z).unsqueeze(1)
             logits = self.tail(hidden).squeeze(-1)
-            prior_std = y.new_tensor([1.0] * self.z_dim + [self.theta_prior_std] + [self.dx_prior_std] * 2)
+            pose_std = [self.theta_prior_std] * self.rotate + [self.dx_prior_std] * (2 * self.translate)
+            prior_std = y.new_tensor([1.0] * self.z_dim + pose_std)
         log_px = -F.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(-1)
         if kl == "analytic":
             ratio = std / prior_std
@@ -133,7 +148,7 @@ class RawVAE(nn.Module):
             log_q = (-0.5 * eps**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
             log_p = -0.5 * (latent / prior_std) ** 2 - prior_std.log() - 0.5 * math.log(2 * math.pi)
             kl_div = log_q - log_p.sum(-1)
-        return -(log_px - kl_div).sum() * (data_size / batch)
+        return log_px - kl_div, mu
 
     @torch.no_grad()
     def load_from(self, model: SpatialVAE, guide: AmortizedGuide) -> None:
@@ -143,11 +158,16 @@ class RawVAE(nn.Module):
         for src, dst in zip(enc, mine[:-1], strict=True):
             dst.weight.copy_(src.weight)
             dst.bias.copy_(src.bias)
+        # the guide's Normal heads work in units of each prior's std: loc = unit * raw, scale = unit * exp(raw)
+        units = [guide.families[site].unit.reshape(-1, 1) for site in model.latent_sites]
         heads = [guide.heads[site] for site in model.latent_sites]
         weights = [h.weight.chunk(2, 0) for h in heads]
         biases = [h.bias.chunk(2, 0) for h in heads]
-        mine[-1].weight.copy_(torch.cat([w[0] for w in weights] + [w[1] for w in weights]))
-        mine[-1].bias.copy_(torch.cat([b[0] for b in biases] + [b[1] for b in biases]))
+        loc_w = [u * w[0] for u, w in zip(units, weights, strict=True)]
+        loc_b = [u[:, 0] * b[0] for u, b in zip(units, biases, strict=True)]
+        scale_b = [u[:, 0].log() + b[1] for u, b in zip(units, biases, strict=True)]
+        mine[-1].weight.copy_(torch.cat(loc_w + [w[1] for w in weights]))
+        mine[-1].bias.copy_(torch.cat(loc_b + scale_b))
         if self.vanilla:
             src = [model.decoder.latent_linear] + [m for m in model.decoder.tail if isinstance(m, nn.Linear)]
             dst = [m for m in self.decoder if isinstance(m, nn.Linear)]
