@@ -18,6 +18,8 @@ every bin picks the pose, the guide gives content, the offset within a bin and t
 
     # the tables of the closing note (one thread, bf16 autocast, 5,000 / 1,000 particles)
     python benchmarks/cryoem.py --threads 1 --lr 1e-3 --batch-size 25 --guides mlp vanilla
+    python benchmarks/cryoem.py --threads 1 --lr 1e-3 --batch-size 25 --epochs 10 --bins 16 \
+        --datasets snr0.1-ctf --guides marginal-equivariant
     python benchmarks/cryoem.py --threads 1 --lr 1e-3 --batch-size 25 --epochs 8 --bins 16 \
         --datasets snr0.1-ctf --guides enum-equivariant
     # small exploration of the guides
