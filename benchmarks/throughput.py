@@ -158,7 +158,7 @@ class RawVAE(nn.Module):
         for src, dst in zip(enc, mine[:-1], strict=True):
             dst.weight.copy_(src.weight)
             dst.bias.copy_(src.bias)
-        # the guide's Normal heads work in units of each prior's std: loc = unit * raw, scale = unit * exp(raw)
+        # the guide's Normal heads work in units of each prior's std: loc = unit raw, scale = unit exp(raw)
         units = [guide.families[site].unit.reshape(-1, 1) for site in model.latent_sites]
         heads = [guide.heads[site] for site in model.latent_sites]
         weights = [h.weight.chunk(2, 0) for h in heads]
