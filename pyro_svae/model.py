@@ -99,7 +99,8 @@ class SpatialVAE(PyroModule):
     marked for parallel enumeration, and ``theta`` a deterministic site. ``TraceEnum_ELBO`` then sums the
     bin out exactly (the decoder renders every image at all K angles and the likelihood picks the pose,
     as the exhaustive pose searches of cryo-EM do); the guide gives ``z``, ``theta_offset`` and ``dx`` only,
-    and the bin's posterior given them comes from ``pyro.infer.infer_discrete``.
+    and the bin's posterior given them comes from ``TraceEnum_ELBO.compute_marginals``
+    (:meth:`~pyro_svae.pose_search.PoseSearchGuide.bin_posterior`).
     """
 
     def __init__(

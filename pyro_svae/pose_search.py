@@ -243,13 +243,13 @@ class PoseSearchGuide(PyroModule):
         scale = raw["log_scale"].exp()
         if self.mode == "marginal":
             q["theta_offset"] = dist.Normal(raw["offset"], scale)
-            logits = self.bin_posterior(images, raw, **model_inputs).log()
+            bins = dist.Categorical(probs=self.bin_posterior(images, raw, **model_inputs))
             loc = self.centres + raw["offset"].unsqueeze(-1)
             scale = scale.unsqueeze(-1).expand(loc.shape)
         else:
-            logits, loc = raw["bin_logits"], self.centres + raw["offset"]
-        q["theta_bin"] = dist.Categorical(logits=logits)
-        q["theta"] = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale))
+            bins, loc = dist.Categorical(logits=raw["bin_logits"]), self.centres + raw["offset"]
+        q["theta_bin"] = bins
+        q["theta"] = dist.MixtureSameFamily(bins, dist.Normal(loc, scale))
         if self.translate:
             q["dx"] = self.dx_family(raw["dx"])
         for site, family in self.other_families.items():
