@@ -143,8 +143,7 @@ def run_original(config: str, train, test, args) -> dict:
             theta_curve.append(M.circular_correlation(means[:, args.z_dim], test.theta))
     with torch.no_grad():
         train_means = raw.elbo(images)[1]
-    z_means = {"z": means[:, : args.z_dim]}
-    test_means = dict(z_means)
+    test_means = {"z": means[:, : args.z_dim]}
     if raw.rotate:
         test_means["theta"] = means[:, args.z_dim]
     if raw.translate:
@@ -158,7 +157,7 @@ def run_original(config: str, train, test, args) -> dict:
         "elbo_1sample": curve[-1],
         "iw_elbo": None,
         **recovery,
-        "clustering_accuracy": clustering_accuracy(z_means["z"], test.labels, seed=args.seed),
+        "clustering_accuracy": clustering_accuracy(test_means["z"], test.labels, seed=args.seed),
         "seconds_per_epoch": statistics.median(seconds),
         "train_seconds_total": sum(seconds),
         "curves": {"test_elbo": curve, "test_theta_circ_corr": theta_curve},
