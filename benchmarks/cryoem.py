@@ -41,7 +41,7 @@ import torch
 import pyro_svae as ps
 from pyro_svae import metrics as M
 from pyro_svae.data import preprocess_particles, simulate_particles
-from pyro_svae.pose_search import PoseSearchGuide
+from pyro_svae.pose_search import MODE_PREFIXES, PoseSearchGuide
 
 GUIDES = (
     "vanilla",
@@ -52,7 +52,6 @@ GUIDES = (
     "sample-equivariant",
     "enum-mlp",
 )
-MODES = {"enum": "enumerate", "sample": "sample", "marginal": "marginal"}
 DATASETS = {"snr1": {"snr": 1.0, "ctf": False}, "snr0.1-ctf": {"snr": 0.1, "ctf": True}}
 LABELS = {"snr1": "SNR 1, no CTF", "snr0.1-ctf": "SNR 0.1, CTF"}
 
@@ -81,7 +80,7 @@ def build(kind: str, ctf: bool, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
         return model, ps.AmortizedGuide(model, augment_rotation=kind == "mlp-augment", **nets)
     uniform = pyro.distributions.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
     mode, encoder = kind.split("-")
-    mode = MODES[mode]
+    mode = MODE_PREFIXES[mode]
     model = ps.SpatialVAE(
         shape,
         args.z_dim,
@@ -94,7 +93,7 @@ def build(kind: str, ctf: bool, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
 
 
 def is_pose_search(kind: str) -> bool:
-    return kind.split("-")[0] in MODES
+    return kind.split("-")[0] in MODE_PREFIXES
 
 
 def report_epoch(epoch: int, records: dict, label: str, guide, test, args) -> None:

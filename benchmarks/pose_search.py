@@ -32,10 +32,9 @@ import torch
 
 import pyro_svae as ps
 from pyro_svae import metrics as M
-from pyro_svae.pose_search import PoseSearchGuide
+from pyro_svae.pose_search import MODE_PREFIXES, PoseSearchGuide
 
 GUIDES = ("mlp", "enum-mlp", "enum-equivariant", "marginal-equivariant", "sample-equivariant")
-MODES = {"enum": "enumerate", "sample": "sample", "marginal": "marginal"}
 
 
 def build(kind: str, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
@@ -45,7 +44,7 @@ def build(kind: str, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
         return model, ps.AmortizedGuide(model, hidden_dim=args.hidden, num_layers=args.layers)
     uniform = dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
     mode, encoder = kind.split("-")
-    mode = MODES[mode]
+    mode = MODE_PREFIXES[mode]
     model = ps.SpatialVAE(
         (28, 28),
         args.z_dim,

@@ -63,7 +63,7 @@ from torch import nn
 from torch.distributions import biject_to
 from torch.distributions.transforms import AffineTransform, Transform
 
-from .coords import transform_images
+from .coords import principal_pose, transform_images
 from .encoders import MLPEncoder
 from .model import SpatialVAE, images_plate, unique_name
 from .priors import is_circular
@@ -85,9 +85,13 @@ __all__ = [
     "wrapped_theta",
     "default_family",
     "RotateVector",
+    "CANONICALIZATIONS",
 ]
 
 _TWO_PI = 2 * math.pi
+
+#: ways an :class:`AmortizedGuide` can pose each image before reading it (``canonicalize=``)
+CANONICALIZATIONS = (None, "moments")
 
 
 def _wrap(theta: torch.Tensor) -> torch.Tensor:
@@ -583,6 +587,7 @@ class AmortizedGuide(PyroModule):
         num_layers: int = 2,
         activation: str = "tanh",
         augment_rotation: bool = False,
+        canonicalize: str | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name or unique_name("guide"))
@@ -624,15 +629,22 @@ class AmortizedGuide(PyroModule):
                     stacklevel=2,
                 )
             resolved[site] = family
-        if augment_rotation:
+        if canonicalize not in CANONICALIZATIONS:
+            raise ValueError(f"canonicalize must be one of {CANONICALIZATIONS}, got {canonicalize!r}")
+        if augment_rotation and canonicalize:
+            raise ValueError("canonicalize turns every image upright, so augment_rotation cannot apply")
+        for option, chosen in (("augment_rotation", augment_rotation), ("canonicalize", canonicalize)):
+            if not chosen:
+                continue
             if "theta" not in self.site_shapes:
-                raise ValueError("augment_rotation needs a model with a rotation site 'theta'")
+                raise ValueError(f"{option} needs a model with a rotation site 'theta'")
             if "dx" in resolved and not _is_real(resolved["dx"].support):
                 raise ValueError(
-                    "augment_rotation turns dx back by -alpha, which leaves a bounded dx support; "
+                    f"{option} turns dx back by -alpha, which leaves a bounded dx support; "
                     "use a dx prior on the whole plane"
                 )
         self.augment_rotation = bool(augment_rotation)
+        self.canonicalize = canonicalize
         self.config = {
             "families": {site: family.name for site, family in resolved.items()},
             "hidden_dim": hidden_dim,
@@ -640,6 +652,7 @@ class AmortizedGuide(PyroModule):
             "activation": activation,
             "encoder": "mlp" if encoder is None else type(encoder).__name__,
             "augment_rotation": self.augment_rotation,
+            "canonicalize": canonicalize,
         }
         if encoder is None:
             encoder = MLPEncoder(
@@ -677,23 +690,43 @@ class AmortizedGuide(PyroModule):
             return None
         return (2.0 * torch.rand(images.shape[0], device=images.device) - 1.0) * math.pi
 
+    def _reading_pose(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The pose ``(alpha (B,), shift (B, 2) or None)`` the encoder reads each image in
+        (``transform_images(images, alpha, shift)``), or None to read it as it is."""
+        if self.canonicalize == "moments":
+            angle, centre = principal_pose(images)
+            shift = RotateVector(-angle)(centre) if "dx" in self.site_shapes else None
+            return -angle, None if shift is None else -shift
+        alpha = self._augmentation_angle(images)
+        return None if alpha is None else (alpha, None)
+
     def distributions(self, images: torch.Tensor) -> dict[str, dist.Distribution]:
         """``q(site | image)`` for every site, batch shape ``(B,)``."""
-        alpha = self._augmentation_angle(images)
-        if alpha is not None:
-            images = transform_images(images, alpha)
-        raw = self.raw_params(images)
+        pose = self._reading_pose(images)
+        raw = self.raw_params(images if pose is None else transform_images(images, *pose))
         q = {site: self.families[site](raw[site]) for site in self.site_shapes}
-        if alpha is not None:
+        if pose is not None:  # the posterior of the posed copy, mapped back to the image's frame
+            alpha, shift = pose
             q["theta"] = dist.TransformedDistribution(q["theta"], [AffineTransform(-alpha, 1.0)])
             if "dx" in q:
-                q["dx"] = dist.TransformedDistribution(q["dx"], [RotateVector(-alpha)])
+                back = [RotateVector(-alpha)]
+                if shift is not None:
+                    back.insert(0, AffineTransform(-shift, 1.0, event_dim=1))
+                q["dx"] = dist.TransformedDistribution(q["dx"], back)
         return q
 
     def posterior_means(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Point estimates per site: ``z`` ``(B, z_dim)``, ``theta`` ``(B,)``, ``dx`` ``(B, 2)``."""
-        raw = self.raw_params(images)
-        return {site: self.families[site].mean(raw[site]) for site in self.site_shapes}
+        """Point estimates per site: ``z`` ``(B, z_dim)``, ``theta`` ``(B,)``, ``dx`` ``(B, 2)`` (for a
+        canonicalizing guide, mapped back from the canonical frame; rotation augmentation is off here)."""
+        pose = self._reading_pose(images) if self.canonicalize else None
+        raw = self.raw_params(images if pose is None else transform_images(images, *pose))
+        means = {site: self.families[site].mean(raw[site]) for site in self.site_shapes}
+        if pose is not None:
+            alpha, shift = pose
+            means["theta"] = _wrap(means["theta"] - alpha)
+            if "dx" in means:
+                means["dx"] = RotateVector(-alpha)(means["dx"] - shift)
+        return means
 
     def forward(
         self,

@@ -34,7 +34,10 @@ from .encoders import MLPEncoder
 from .guides import NormalFamily, default_family
 from .model import SpatialVAE, images_plate, unique_name
 
-__all__ = ["RotationEquivariantEncoder", "PoseSearchGuide"]
+__all__ = ["RotationEquivariantEncoder", "PoseSearchGuide", "MODE_PREFIXES"]
+
+#: short names of the guide modes, as the benchmarks spell them (``"enum-equivariant"``)
+MODE_PREFIXES = {"enum": "enumerate", "sample": "sample", "marginal": "marginal"}
 
 
 def _no_latents(*args, **kwargs) -> None:

@@ -437,6 +437,12 @@ CONTRADICTIONS = {
     "augmentation without rotation": (["--no-rotate", "--augment-rotation"], "--augment-rotation"),
     "pose search without rotation": (["--vanilla", "--pose-search", "8"], "--pose-search"),
     "pose search with augmentation": (["--pose-search", "8", "--augment-rotation"], "--augment-rotation"),
+    "pose search with canonicalization": (
+        ["--pose-search", "8", "--canonicalize", "moments"],
+        "--canonicalize",
+    ),
+    "canonicalization without rotation": (["--no-rotate", "--canonicalize", "moments"], "--canonicalize"),
+    "canonicalization with augmentation": (["--canonicalize", "moments", "--augment-rotation"], "upright"),
     "pose search with one bin": (["--pose-search", "1"], "at least 2 rotation bins"),
     "pose search with pixel subsampling": (["--pose-search", "8", "--pixel-subsample", "20"], "give one"),
     "pose search mode without pose search": (["--pose-search-mode", "marginal"], "add --pose-search"),
@@ -843,6 +849,13 @@ def test_scale_augmentation_subsampling_and_precision_are_recorded_and_rebuilt(c
     assert code == 0, err
     resolved = resolve_precision("auto", torch.device("cpu"))  # config.json records what auto chose
     assert json.loads((out / "config.json").read_text())["training"]["precision"] == resolved
+    moments = tmp_path / "moments"
+    flags = ["--data", "simulated_galaxies", "--scale", "--canonicalize", "moments", "--out", moments]
+    code, stdout, err = run(capsys, "train", *flags, *PARTICLE_TINY)
+    assert code == 0, err
+    assert json.loads((moments / "config.json").read_text())["guide"]["canonicalize"] == "moments"
+    code, stdout, err = run(capsys, "train", "--resume", moments, "--epochs", "2")
+    assert code == 0, err
     code, _, err = run(capsys, "evaluate", out, "--out", tmp_path / "eval")
     assert code == 0, err
 

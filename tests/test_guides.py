@@ -330,6 +330,69 @@ def test_rotation_augmentation_reads_a_turned_copy_and_turns_the_posterior_back(
         AmortizedGuide(SpatialVAE((8, 8), 2, rotate=False, hidden_dim=16), augment_rotation=True)
 
 
+def test_canonicalizing_guide_reads_each_image_in_its_moment_frame_and_maps_q_back():
+    from pyro_svae.coords import principal_pose, transform_images
+    from pyro_svae.guides import RotateVector
+
+    model = SpatialVAE((16, 16), 2, hidden_dim=16)
+    guide = AmortizedGuide(model, hidden_dim=16, canonicalize="moments")
+    x, y = model.grid.unbind(-1)
+    blob = torch.exp(-0.5 * ((x / 0.35) ** 2 + (y / 0.12) ** 2)).reshape(1, 1, 16, 16)
+    images = transform_images(
+        blob.expand(3, -1, -1, -1), torch.tensor([0.6, -1.9, 2.5]), torch.randn(3, 2) * 0.1
+    )
+    phi, centre = principal_pose(images)
+    canonical = transform_images(images, -phi, -RotateVector(-phi)(centre))
+    _, moved = principal_pose(canonical)  # the encoder reads the light centred, its long axis along x
+    assert principal_pose(canonical)[0].abs().max() < 0.05 and moved.abs().max() < 0.02
+    raw = guide.raw_params(canonical)
+    base_theta, base_dx = guide.families["theta"](raw["theta"]), guide.families["dx"](raw["dx"])
+    q = guide.distributions(images)
+    theta, dx = torch.tensor([0.1, 0.2, -0.3]), torch.randn(3, 2) * 0.1
+    # theta = phi + theta', dx = R(phi) dx' + centre, both with unit Jacobian
+    assert torch.allclose(q["theta"].log_prob(theta), base_theta.log_prob(theta - phi), atol=1e-5)
+    back = RotateVector(-phi)(dx - centre)
+    assert torch.allclose(q["dx"].log_prob(dx), base_dx.log_prob(back), atol=1e-5)
+    means = guide.posterior_means(images)
+    expected = torch.remainder(base_theta.mean + phi + math.pi, 2 * math.pi) - math.pi
+    assert torch.allclose(means["theta"], expected, atol=1e-5)
+    assert torch.allclose(means["dx"], RotateVector(phi)(base_dx.mean) + centre, atol=1e-5)
+    guide.eval()  # canonicalization is part of the guide, in training and in evaluation
+    assert torch.allclose(guide.distributions(images)["theta"].log_prob(theta), q["theta"].log_prob(theta))
+    guide.train()
+    assert not _frozen_after_svi(model, guide, images)
+    assert guide.config["canonicalize"] == "moments"
+
+
+def test_canonicalizing_guide_is_rotation_equivariant_on_an_elongated_object():
+    from pyro_svae.coords import transform_images
+
+    model = SpatialVAE((24, 24), 2, hidden_dim=16)
+    guide = AmortizedGuide(model, hidden_dim=16, canonicalize="moments")
+    x, y = model.grid.unbind(-1)
+    image = torch.exp(-0.5 * ((x / 0.4) ** 2 + (y / 0.15) ** 2)).reshape(1, 1, 24, 24)
+    image = image * (1 + 0.5 * (x > 0).float().reshape(1, 1, 24, 24))  # brighter on one side: no half turn
+    alpha = torch.tensor([0.0, 0.7, -2.0, 2.9])
+    with torch.no_grad():
+        theta = guide.posterior_means(transform_images(image.expand(4, -1, -1, -1), alpha))["theta"]
+    moved = torch.remainder(theta - theta[0] - alpha + math.pi / 2, math.pi) - math.pi / 2
+    assert moved.abs().max() < math.radians(3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"canonicalize": "pca"}, "canonicalize must be one of"),
+        ({"canonicalize": "moments", "augment_rotation": True}, "cannot apply"),
+    ],
+)
+def test_canonicalization_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AmortizedGuide(SpatialVAE((8, 8), 2, hidden_dim=16), hidden_dim=16, **kwargs)
+    with pytest.raises(ValueError, match="rotation site"):
+        AmortizedGuide(SpatialVAE((8, 8), 2, rotate=False, hidden_dim=16), canonicalize="moments")
+
+
 def test_guides_gain_the_scale_site_with_a_positive_family():
     from pyro_svae.pose_search import PoseSearchGuide
 

@@ -257,6 +257,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "back (the original code's augmentation)",
     )
     model.add_argument(
+        "--canonicalize",
+        choices=("moments",),
+        default=None,
+        help="moments: the encoder reads each image turned and centred by its light's second moments "
+        "(major axis along x) and q(theta, dx) is mapped back; for objects with a long axis (galaxies)",
+    )
+    model.add_argument(
         "--pose-search",
         type=positive_int,
         metavar="K",
@@ -368,8 +375,8 @@ _OPTION_KEYS = (
     "encoder_hidden_dim encoder_layers decoder_hidden_dim decoder_layers activation vanilla no_rotate "
     "no_translate theta_prior dx_prior likelihood learning_rate batch_size epochs device seed "
     "eval_particles posterior_draws out overwrite particles ctf pixel_size no_ctf box no_normalize "
-    "invert mask_radius scale scale_prior augment_rotation pose_search pose_search_mode pixel_subsample "
-    "compile precision"
+    "invert mask_radius scale scale_prior augment_rotation canonicalize pose_search pose_search_mode "
+    "pixel_subsample compile precision"
 ).split()
 _PARTICLE_OPTIONS = ("ctf", "pixel_size", "no_ctf", "box", "no_normalize", "invert", "mask_radius")
 
@@ -414,9 +421,11 @@ def _check_contradictions(args: argparse.Namespace) -> None:
     if args.scale_prior is not None and not args.scale:
         raise UsageError("--scale-prior is the prior of the scale site: add --scale")
     pose_off = "--vanilla" if args.vanilla else "--no-rotate" if args.no_rotate else None
-    for key in ("augment_rotation", "pose_search"):
+    for key in ("augment_rotation", "canonicalize", "pose_search"):
         if getattr(args, key) is not None and pose_off:
             raise UsageError(f"{pose_off} turns rotation off, so {_flag(key)} cannot apply")
+    if args.canonicalize is not None and args.augment_rotation:
+        raise UsageError("--canonicalize turns every image upright, so --augment-rotation cannot apply")
     if args.vanilla and args.scale:
         raise UsageError("--vanilla has no pose latents, so --scale cannot apply")
     if args.pose_search_mode is not None and args.pose_search is None:
@@ -424,10 +433,9 @@ def _check_contradictions(args: argparse.Namespace) -> None:
     if args.pose_search is not None:
         if args.pose_search < 2:
             raise UsageError(f"--pose-search needs at least 2 rotation bins, got {args.pose_search}")
-        if args.augment_rotation:
-            raise UsageError(
-                "--pose-search searches all rotations itself, so --augment-rotation cannot apply"
-            )
+        for key in ("augment_rotation", "canonicalize"):
+            if getattr(args, key) is not None:
+                raise UsageError(f"--pose-search searches all rotations itself, so {_flag(key)} cannot apply")
         if args.pixel_subsample is not None:
             raise UsageError(
                 "--pose-search enumerates rotation bins, which cannot nest the pixels plate of "
@@ -477,7 +485,9 @@ def _build(
     }
     if args.pose_search is not None:
         return model, PoseSearchGuide(model, "equivariant", mode=pose_search_mode, **encoder)
-    return model, AmortizedGuide(model, augment_rotation=bool(args.augment_rotation), **encoder)
+    return model, AmortizedGuide(
+        model, augment_rotation=bool(args.augment_rotation), canonicalize=args.canonicalize, **encoder
+    )
 
 
 def _describe(model: SpatialVAE) -> str:
