@@ -7,7 +7,8 @@ degrees after the best global offset, test ELBO per image (1 sample) and IWAE bo
 digit clustering accuracy from posterior-mean z (KMeans, Hungarian matching), seconds per epoch, and the
 peak memory of one training step.
 
-Guides: ``mlp`` (the paper's), ``enum-mlp`` / ``enum-equivariant`` (the encoder scores K rotation bins and
+Guides: ``mlp`` (the paper's), ``mlp-moments`` (the same reading each digit turned to its light's long
+axis: ``canonicalize="moments"``), ``enum-mlp`` / ``enum-equivariant`` (the encoder scores K rotation bins and
 ``TraceEnum_ELBO`` sums over them), ``marginal-equivariant`` (the model sums the bins out,
 ``SpatialVAE(enumerate_bins=True)``: the decoder's likelihood at every bin picks the pose) and
 ``sample-equivariant`` (the bin sampled, score-function gradients).
@@ -34,14 +35,18 @@ import pyro_svae as ps
 from pyro_svae import metrics as M
 from pyro_svae.pose_search import MODE_PREFIXES, PoseSearchGuide
 
-GUIDES = ("mlp", "enum-mlp", "enum-equivariant", "marginal-equivariant", "sample-equivariant")
+GUIDES = ("mlp", "mlp-moments", "enum-mlp", "enum-equivariant", "marginal-equivariant", "sample-equivariant")
 
 
 def build(kind: str, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
     common = dict(translate=args.translate, hidden_dim=args.hidden, num_layers=args.layers)
-    if kind == "mlp":  # the paper's guide and model: theta ~ N(0, pi)
+    if kind in ("mlp", "mlp-moments"):  # the paper's guide and model: theta ~ N(0, pi)
         model = ps.SpatialVAE((28, 28), args.z_dim, theta_prior_std=math.pi, **common)
-        return model, ps.AmortizedGuide(model, hidden_dim=args.hidden, num_layers=args.layers)
+        canonicalize = "moments" if kind == "mlp-moments" else None
+        guide = ps.AmortizedGuide(
+            model, hidden_dim=args.hidden, num_layers=args.layers, canonicalize=canonicalize
+        )
+        return model, guide
     uniform = dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
     mode, encoder = kind.split("-")
     mode = MODE_PREFIXES[mode]

@@ -667,7 +667,23 @@ class AmortizedGuide(PyroModule):
         self.heads = nn.ModuleDict(
             {site: nn.Linear(features, fam.num_params) for site, fam in self.families.items()}
         )
+        if canonicalize:
+            self._start_at_the_measured_pose()
         to_pyro_module_(self)
+
+    def _start_at_the_measured_pose(self, relative_std: float = 0.1) -> None:
+        """A canonicalizing guide starts ``q(theta')`` and ``q(dx')`` at zero (the measured pose) with a
+        tenth of the prior's std, instead of as wide as the prior: the measurement is the better start,
+        and a decoder that first sees every image in one frame learns the content's shape sooner."""
+        for site in ("theta", "dx"):
+            family = self.families[site] if site in self.families else None
+            if not isinstance(family, NormalFamily):
+                continue
+            head = self.heads[site]
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.zero_()
+                head.bias[family.event_numel :] = math.log(relative_std)
 
     @property
     def has_rsample(self) -> bool:

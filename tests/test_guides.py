@@ -369,6 +369,7 @@ def test_canonicalizing_guide_is_rotation_equivariant_on_an_elongated_object():
 
     model = SpatialVAE((24, 24), 2, hidden_dim=16)
     guide = AmortizedGuide(model, hidden_dim=16, canonicalize="moments")
+    torch.nn.init.normal_(guide.heads["theta"].weight, std=0.1)  # a residual that reads the image
     x, y = model.grid.unbind(-1)
     image = torch.exp(-0.5 * ((x / 0.4) ** 2 + (y / 0.15) ** 2)).reshape(1, 1, 24, 24)
     image = image * (1 + 0.5 * (x > 0).float().reshape(1, 1, 24, 24))  # brighter on one side: no half turn
@@ -377,6 +378,21 @@ def test_canonicalizing_guide_is_rotation_equivariant_on_an_elongated_object():
         theta = guide.posterior_means(transform_images(image.expand(4, -1, -1, -1), alpha))["theta"]
     moved = torch.remainder(theta - theta[0] - alpha + math.pi / 2, math.pi) - math.pi / 2
     assert moved.abs().max() < math.radians(3)
+
+
+def test_canonicalizing_guide_starts_at_the_measured_pose():
+    from pyro_svae.coords import principal_pose
+
+    model = SpatialVAE((16, 16), 2, hidden_dim=16, theta_prior_std=math.pi)
+    guide = AmortizedGuide(model, hidden_dim=16, canonicalize="moments")
+    images = torch.rand(5, 1, 16, 16) ** 3
+    angle, centre = principal_pose(images)
+    q = guide.distributions(images)
+    assert torch.allclose(guide.posterior_means(images)["theta"], angle, atol=1e-5)
+    assert torch.allclose(guide.posterior_means(images)["dx"], centre, atol=1e-5)
+    assert torch.allclose(q["theta"].base_dist.stddev, torch.full((5,), 0.1 * math.pi))
+    plain = AmortizedGuide(model, hidden_dim=16)  # the paper's guide starts as wide as the prior
+    assert plain.heads["theta"].bias.abs().max() < 1
 
 
 @pytest.mark.parametrize(
