@@ -21,6 +21,14 @@ bin), scores ``--pixels`` random pixels per image; test ELBOs are exact (all pix
 
     OMP_NUM_THREADS=1 python benchmarks/galaxies.py --threads 1 --out /tmp/galaxies.json   # the closing note
     python benchmarks/galaxies.py --sim-train 200 --sim-test 100 --epochs 1 --hubble-epochs 1 --hidden 32
+
+Measured with the defaults (one thread, bf16; 2,000 / 500 simulated galaxies, 20 epochs of ~16 s; Hubble
+82 / 20, 300 epochs): ``mlp-moments`` on the simulated set, seeds 0 / 1: theta modulo pi 0.985 / 0.986,
+log-scale 0.900 / 0.932, |rho| axis ratio 0.938 / 0.885, |rho| bulge fraction 0.941 / 0.971 (the paper's
+``mlp`` guide, 10 epochs: theta -0.04, axis ratio 0.12). z_dim 4: with 2 the dimensions go to size-dependent
+brightness and colour first and the axis ratio is not encoded. Hubble: spatial-VAE 22,614 against the
+vanilla VAE's 21,799 (64-sample test ELBO; spatial-VAE passes it after ~100 epochs, behind before), and
+the equivariance check 0.996 modulo pi.
 """
 
 from __future__ import annotations
@@ -199,15 +207,13 @@ def main(argv=None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--part", choices=("both", "simulated", "hubble"), default="both")
-    parser.add_argument(
-        "--guides", nargs="+", choices=GUIDES, default=["mlp", "mlp-aug", "sample-equivariant"]
-    )
-    parser.add_argument("--hubble-guide", choices=GUIDES, default="sample-equivariant")
+    parser.add_argument("--guides", nargs="+", choices=GUIDES, default=["mlp", "mlp-moments"])
+    parser.add_argument("--hubble-guide", choices=GUIDES, default="mlp-moments")
     parser.add_argument("--sim-train", type=int, default=2000)
     parser.add_argument("--sim-test", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=10, help="epochs on the simulated galaxies")
-    parser.add_argument("--hubble-epochs", type=int, default=100, help="epochs on the 82 Hubble galaxies")
-    parser.add_argument("--z-dim", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=20, help="epochs on the simulated galaxies")
+    parser.add_argument("--hubble-epochs", type=int, default=300, help="epochs on the 82 Hubble galaxies")
+    parser.add_argument("--z-dim", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--channels", type=int, default=16, help="channels of the equivariant CNN")
@@ -221,10 +227,10 @@ def main(argv=None) -> dict:
         "here: faint, small galaxies on a dark sky give it a weak signal)",
     )
     parser.add_argument("--sigma", type=float, default=0.05, help="noise std of the gaussian likelihood")
-    parser.add_argument("--radius", type=float, default=0.06, help="disk half-light radius / stamp size")
+    parser.add_argument("--radius", type=float, default=0.1, help="disk half-light radius / stamp size")
     parser.add_argument("--scale-prior-std", type=float, default=0.25)
     parser.add_argument("--dx-prior-std", type=float, default=0.1)
-    parser.add_argument("--batch", type=int, default=25)
+    parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--particles", type=int, default=64, help="samples of the final test ELBO")

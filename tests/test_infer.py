@@ -150,6 +150,19 @@ def test_fit_and_evaluate_on_cuda(digits):
     assert math.isfinite(evaluate(model, guide, test.subset(range(20)), num_particles=4)["iw_elbo"])
 
 
+@requires_cuda
+def test_canonicalizing_guide_trains_and_summarizes_on_cuda(digits):
+    from pyro_svae import AmortizedGuide, SpatialVAE, posterior_means
+
+    train, test = digits
+    model = SpatialVAE((28, 28), 2, hidden_dim=16, translate=True)
+    guide = AmortizedGuide(model, hidden_dim=16, canonicalize="moments")
+    fit(model, guide, train.subset(range(50)), epochs=1, device="cuda", progress=False)
+    assert next(guide.parameters()).device.type == "cuda"
+    means = posterior_means(guide, test.subset(range(10)))
+    assert torch.isfinite(means["theta"]).all() and means["dx"].shape == (10, 2)
+
+
 def test_kl_weight_scales_latent_sites_only():
     from pyro import poutine
 
