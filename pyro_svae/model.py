@@ -17,11 +17,22 @@ from .coords import bin_centres, pixel_grid
 from .ctf import CTFParams, apply_ctf, ctf_2d
 from .decoders import SpatialDecoder, VanillaDecoder
 from .likelihoods import make_likelihood
-from .priors import as_prior, log_normal_scale, normal_dx, normal_theta, standard_normal_z
+from .priors import (
+    LearnableLogNormalScale,
+    as_prior,
+    log_normal_scale,
+    normal_dx,
+    normal_theta,
+    standard_normal_z,
+)
 
 __all__ = ["SpatialVAE", "unique_name", "images_to_pixels", "pixels_to_images"]
 
 _NAME_COUNTERS: dict[str, itertools.count] = {}
+
+
+def _is_learned_scale(prior: object) -> bool:
+    return isinstance(prior, LearnableLogNormalScale) or (isinstance(prior, str) and prior == "learned")
 
 
 def unique_name(base: str) -> str:
@@ -72,8 +83,10 @@ class SpatialVAE(PyroModule):
     may be passed instead and moves with the module to its device.
 
     ``scale=True`` adds a magnification site ``scale`` (event ``()``, prior ``LogNormal(0,
-    scale_prior_std)`` by default or any positive distribution): coordinates become ``x R(theta) s + dx``
-    in the paper's notation (the content is magnified by ``s``).
+    scale_prior_std)`` by default or any positive distribution; ``scale_prior="learned"`` is
+    :class:`~pyro_svae.priors.LearnableLogNormalScale` of that std, whose location is fitted, and is
+    recorded in ``config`` so runs rebuild it): coordinates become ``x R(theta) s + dx`` in the paper's
+    notation (the content is magnified by ``s``).
 
     ``ctf=True`` makes the program one of cryo-EM image formation: the decoder renders the whole image,
     each image's contrast transfer function (``forward(..., ctf=CTFParams)``, computed on the fly in
@@ -119,7 +132,7 @@ class SpatialVAE(PyroModule):
         rotation_bins: int | None = None,
         enumerate_bins: bool = False,
         scale: bool = False,
-        scale_prior: torch.distributions.Distribution | nn.Module | None = None,
+        scale_prior: torch.distributions.Distribution | nn.Module | str | None = None,
         scale_prior_std: float = 0.25,
         ctf: bool = False,
         pixel_subsample: int | None = None,
@@ -183,6 +196,7 @@ class SpatialVAE(PyroModule):
             "enumerate_bins": bool(enumerate_bins),
             "scale": self.scale,
             "scale_prior_std": scale_prior_std,
+            "scale_prior": "learned" if _is_learned_scale(scale_prior) else None,
             "ctf": self.ctf,
             "pixel_subsample": pixel_subsample,
             "compile": bool(compile),
@@ -215,6 +229,10 @@ class SpatialVAE(PyroModule):
                 event_shape=(2,),
             )
         if self.scale:
+            if isinstance(scale_prior, str):
+                if scale_prior != "learned":
+                    raise ValueError(f"scale_prior given by name must be 'learned', got {scale_prior!r}")
+                scale_prior = LearnableLogNormalScale(std=scale_prior_std)
             self.scale_prior = as_prior(
                 log_normal_scale(scale_prior_std) if scale_prior is None else scale_prior,
                 site="scale",

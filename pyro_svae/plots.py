@@ -127,17 +127,25 @@ def latent_grid(model, steps: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def decode_manifold(model, steps: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(steps, steps, C, H, W)`` decoded over :func:`latent_grid` at ``theta = 0``, ``dx = 0``,
+def decode_manifold(
+    model, steps: int = 10, *, scale: float | torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(steps, steps, C, H, W)`` decoded over :func:`latent_grid` at ``theta = 0``, ``dx = 0``
+    (and magnification ``scale`` for a model with a scale site, e.g. the median inferred one; default 1),
     and the grid's ``z`` values ``(steps, 2)``; both on the CPU."""
     z, values = latent_grid(model, steps)
     zeros = z.new_zeros(z.shape[:-1])
     theta = zeros if getattr(model, "rotate", False) else None
     dx = z.new_zeros((*z.shape[:-1], 2)) if getattr(model, "translate", False) else None
+    magnification = None
+    if scale is not None:
+        if "scale" not in getattr(model, "latent_sites", {}):
+            raise ValueError("scale applies to a model with a scale site (SpatialVAE(scale=True))")
+        magnification = torch.as_tensor(scale, dtype=z.dtype, device=z.device).expand(z.shape[:-1])
     was_training = model.training
     model.eval()
     try:
-        images = model.decode(z, theta, dx)
+        images = model.decode(z, theta, dx, magnification)
     finally:
         model.train(was_training)
     return images.float().cpu(), values.float().cpu()

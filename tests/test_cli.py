@@ -433,6 +433,7 @@ CONTRADICTIONS = {
     "particle option without particles": (["--box", "8"], "--particles only"),
     "particles and data": (["--particles", "p.star"], "--particles gives the data"),
     "scale prior without scale": (["--scale-prior", "0.3"], "add --scale"),
+    "learned scale prior without scale": (["--learn-scale-prior"], "add --scale"),
     "vanilla with scale": (["--vanilla", "--scale"], "--scale"),
     "augmentation without rotation": (["--no-rotate", "--augment-rotation"], "--augment-rotation"),
     "pose search without rotation": (["--vanilla", "--pose-search", "8"], "--pose-search"),
@@ -850,10 +851,11 @@ def test_scale_augmentation_subsampling_and_precision_are_recorded_and_rebuilt(c
     resolved = resolve_precision("auto", torch.device("cpu"))  # config.json records what auto chose
     assert json.loads((out / "config.json").read_text())["training"]["precision"] == resolved
     moments = tmp_path / "moments"
-    flags = ["--data", "simulated_galaxies", "--scale", "--canonicalize", "moments", "--out", moments]
-    code, stdout, err = run(capsys, "train", *flags, *PARTICLE_TINY)
+    flags = ["--data", "simulated_galaxies", "--scale", "--learn-scale-prior", "--canonicalize", "moments"]
+    code, stdout, err = run(capsys, "train", *flags, "--out", moments, *PARTICLE_TINY)
     assert code == 0, err
-    assert json.loads((moments / "config.json").read_text())["guide"]["canonicalize"] == "moments"
+    config = json.loads((moments / "config.json").read_text())
+    assert config["guide"]["canonicalize"] == "moments" and config["model"]["scale_prior"] == "learned"
     code, stdout, err = run(capsys, "train", "--resume", moments, "--epochs", "2")
     assert code == 0, err
     code, _, err = run(capsys, "evaluate", out, "--out", tmp_path / "eval")

@@ -54,6 +54,14 @@ def test_decode_manifold_renders_at_zero_pose():
     vanilla = SpatialVAE((6, 6), 1, vanilla=True, hidden_dim=8)
     images, _ = plots.decode_manifold(vanilla, steps=4)
     assert images.shape == (4, 4, 1, 6, 6)
+    with pytest.raises(ValueError, match="scale site"):
+        plots.decode_manifold(model, steps=2, scale=0.5)
+    scaled = SpatialVAE((1, 6, 6), 2, hidden_dim=8, scale=True)
+    images, _ = plots.decode_manifold(scaled, steps=3, scale=0.5)  # at a magnification, e.g. the median
+    z, _ = plots.latent_grid(scaled, steps=3)
+    with torch.no_grad():
+        direct = scaled.decode(z, torch.zeros(3, 3), torch.zeros(3, 3, 2), torch.full((3, 3), 0.5))
+    assert torch.allclose(images, direct)
 
 
 def test_training_curves_have_one_line_per_split_and_quantity():

@@ -150,6 +150,30 @@ def test_learnable_von_mises_is_trained_by_svi_and_named_under_the_model():
     assert float(pyro.param(name).detach()) == pytest.approx(float(model.theta_prior.concentration.detach()))
 
 
+def test_learnable_log_normal_scale_moves_its_location_to_the_inferred_sizes():
+    prior = priors.LearnableLogNormalScale(std=0.25)
+    model = SpatialVAE((6, 6), 2, hidden_dim=8, scale_prior=prior)
+    guide = AmortizedGuide(model, hidden_dim=8)
+    assert guide.config["families"]["scale"] == "constrained_normal"
+    with torch.no_grad():  # q(log s) = N(log 0.1, small) for every image, and kept so
+        guide.heads["scale"].weight.zero_()
+        guide.heads["scale"].bias.copy_(torch.tensor([math.log(0.1) / 0.25, -3.0]))
+    fixed_guide = poutine.block(guide, hide_types=["param"])
+    images = torch.rand(16, 1, 6, 6).round()
+    svi = pyro.infer.SVI(model, fixed_guide, pyro.optim.Adam({"lr": 0.1}), pyro.infer.Trace_ELBO())
+    for _ in range(60):
+        svi.step(images)
+    assert f"{model._pyro_name}.scale_prior.loc" in pyro.get_param_store()
+    assert float(model.scale_prior.loc.detach()) < 0.5 * math.log(0.1)  # from 0 towards log 0.1
+    assert isinstance(model.scale_prior.std, torch.Tensor) and float(model.scale_prior.std) == 0.25
+    learned = priors.LearnableLogNormalScale(learn_std=True)
+    assert float(learned.forward().log_prob(torch.tensor(1.0)).detach()) == pytest.approx(
+        -math.log(0.25 * math.sqrt(2 * math.pi))
+    )
+    with pytest.raises(ValueError, match="positive"):
+        priors.LearnableLogNormalScale(std=0.0)
+
+
 def test_translation_priors_have_the_right_tails_and_support():
     far = torch.tensor([1.0, 0.0])
     normal, laplace, student = priors.normal_dx(0.1), priors.laplace_dx(0.1), priors.student_t_dx(3.0, 0.1)

@@ -250,6 +250,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help=f"std of the log-normal scale prior (with --scale; default: {d['scale_prior']})",
     )
     model.add_argument(
+        "--learn-scale-prior",
+        action="store_true",
+        default=None,
+        help="fit the location of the log-normal scale prior (with --scale): the decoder picks its own "
+        "unit of size",
+    )
+    model.add_argument(
         "--augment-rotation",
         action="store_true",
         default=None,
@@ -375,8 +382,8 @@ _OPTION_KEYS = (
     "encoder_hidden_dim encoder_layers decoder_hidden_dim decoder_layers activation vanilla no_rotate "
     "no_translate theta_prior dx_prior likelihood learning_rate batch_size epochs device seed "
     "eval_particles posterior_draws out overwrite particles ctf pixel_size no_ctf box no_normalize "
-    "invert mask_radius scale scale_prior augment_rotation canonicalize pose_search pose_search_mode "
-    "pixel_subsample compile precision"
+    "invert mask_radius scale scale_prior learn_scale_prior augment_rotation canonicalize pose_search "
+    "pose_search_mode pixel_subsample compile precision"
 ).split()
 _PARTICLE_OPTIONS = ("ctf", "pixel_size", "no_ctf", "box", "no_normalize", "invert", "mask_radius")
 
@@ -418,8 +425,9 @@ def _check_contradictions(args: argparse.Namespace) -> None:
         raise UsageError(
             "--mask-radius sets the normalization background, so it cannot go with --no-normalize"
         )
-    if args.scale_prior is not None and not args.scale:
-        raise UsageError("--scale-prior is the prior of the scale site: add --scale")
+    for key in ("scale_prior", "learn_scale_prior"):
+        if getattr(args, key) is not None and not args.scale:
+            raise UsageError(f"{_flag(key)} is about the prior of the scale site: add --scale")
     pose_off = "--vanilla" if args.vanilla else "--no-rotate" if args.no_rotate else None
     for key in ("augment_rotation", "canonicalize", "pose_search"):
         if getattr(args, key) is not None and pose_off:
@@ -469,6 +477,7 @@ def _build(
         rotation_bins=args.pose_search,
         enumerate_bins=args.pose_search is not None and pose_search_mode == "marginal",
         scale=bool(args.scale),
+        scale_prior="learned" if args.learn_scale_prior else None,
         scale_prior_std=_value(args, "scale_prior"),
         ctf=ctf,
         pixel_subsample=args.pixel_subsample,
