@@ -150,6 +150,11 @@ def principal_pose(images: torch.Tensor, *, iterations: int = 4) -> tuple[torch.
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    with torch.autocast(images.device.type, enabled=False):  # poses stay float32 under autocast
+        return _principal_pose(images.float(), iterations)
+
+
+def _principal_pose(images: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     _, _, height, width = images.shape
     grid = pixel_grid(height, width, device=images.device, dtype=images.dtype)
     light = images.sum(1).flatten(1)

@@ -131,6 +131,8 @@ def test_principal_pose_turns_with_the_image():
     assert angle_gap(after, before + alpha).max().item() < math.radians(1)
     turned = rotate(centre[:, None], -alpha)[:, 0]  # R(alpha) centre
     assert torch.allclose(moved, turned, atol=0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # measured in float32 under autocast too
+        assert torch.equal(principal_pose(images)[0], before)
     # the adaptive passes give the same axis for a clean blob as the plain moments
     assert angle_gap(principal_pose(images, iterations=1)[0], before).max().item() < 1e-3
 
