@@ -43,6 +43,7 @@ import json
 import math
 import time
 
+import pyro
 import torch
 
 import pyro_svae as ps
@@ -56,7 +57,9 @@ GUIDES = ("mlp", "mlp-aug", "mlp-moments", "enum-equivariant", "marginal-equivar
 
 
 def build(kind: str, args, image_shape=(3, 64, 64)) -> tuple[ps.SpatialVAE, torch.nn.Module]:
-    """Model and guide for a guide ``kind`` (or ``"vanilla"``)."""
+    """Model and guide for a guide ``kind`` (or ``"vanilla"``), their initial weights drawn from ``args.seed``
+    (torch's global generator starts from a random seed in each process)."""
+    pyro.set_rng_seed(args.seed)
     likelihood = GaussianLikelihood(args.sigma) if args.likelihood == "gaussian" else args.likelihood
     common = dict(hidden_dim=args.hidden, num_layers=args.layers, likelihood=likelihood)
     if kind == "vanilla":

@@ -305,9 +305,11 @@ def fit(
     the test ELBO (one posterior sample per image, weights fixed) with pose metrics when the test data
     carry ground truth. ``loss`` is any Pyro ELBO (default: ``guide.default_loss()`` where the guide
     has one, else ``Trace_ELBO()``), ``optimizer`` any ``pyro.optim`` optimizer (default
-    ``Adam(lr=learning_rate)``). ``seed`` seeds Pyro once at the start
-    and fixes the shuffling of every epoch. With ``checkpoint`` a checkpoint is written atomically after
-    every epoch; ``resume=True`` continues from it (reproducing an uninterrupted run on the CPU).
+    ``Adam(lr=learning_rate)``). ``seed`` seeds Pyro once at the start and fixes the shuffling of every
+    epoch; the initial weights were drawn when the networks were built, so seed before building them
+    (``pyro.set_rng_seed``) for a run that repeats exactly. With ``checkpoint`` a checkpoint is written
+    atomically after every epoch; ``resume=True`` continues from it (reproducing an uninterrupted run on
+    the CPU).
     ``callbacks`` are called as ``callback(epoch, {"train": record, "test": record})``.
     ``kl_weight`` (a number, or a function of the epoch such as :func:`linear_kl_annealing`) scales the
     latent sites' log-densities in model and guide (``poutine``-style scaling); the train ``elbo``
