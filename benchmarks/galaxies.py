@@ -70,11 +70,7 @@ def build(kind: str, args, image_shape=(3, 64, 64)) -> tuple[ps.SpatialVAE, torc
     pose = dict(scale=True, scale_prior_std=args.scale_prior_std, dx_prior_std=args.dx_prior_std)
     if args.scale_prior == "learned":
         pose["scale_prior"] = "learned"  # priors.LearnableLogNormalScale: its location is fitted
-    if kind in (
-        "mlp",
-        "mlp-aug",
-        "mlp-moments",
-    ):  # the paper's guide; theta ~ N(0, pi) as in the paper's uniform runs
+    if kind.startswith("mlp"):  # the paper's guide; theta ~ N(0, pi) as in the paper's uniform runs
         model = ps.SpatialVAE(
             image_shape,
             args.z_dim,

@@ -31,10 +31,6 @@ __all__ = ["SpatialVAE", "unique_name", "images_to_pixels", "pixels_to_images"]
 _NAME_COUNTERS: dict[str, itertools.count] = {}
 
 
-def _is_learned_scale(prior: object) -> bool:
-    return isinstance(prior, LearnableLogNormalScale) or (isinstance(prior, str) and prior == "learned")
-
-
 def unique_name(base: str) -> str:
     """``base`` for the first module of a kind, ``base_1``, ``base_2``… after, so that two models in one
     session never share parameters in Pyro's global param store (same-named roots would)."""
@@ -163,6 +159,10 @@ class SpatialVAE(PyroModule):
             raise ValueError("compile applies to the spatial decoder; the vanilla decoder is not compiled")
         if vanilla and (scale or scale_prior is not None):
             raise ValueError("vanilla=True has no pose sites: do not combine it with scale or scale_prior")
+        if isinstance(scale_prior, str):
+            if scale_prior != "learned":
+                raise ValueError(f"scale_prior given by name must be 'learned', got {scale_prior!r}")
+            scale_prior = LearnableLogNormalScale(std=scale_prior_std)
         self.image_shape = _image_shape(image_shape)
         channels, height, width = self.image_shape
         if pixel_subsample is not None:
@@ -196,7 +196,7 @@ class SpatialVAE(PyroModule):
             "enumerate_bins": bool(enumerate_bins),
             "scale": self.scale,
             "scale_prior_std": scale_prior_std,
-            "scale_prior": "learned" if _is_learned_scale(scale_prior) else None,
+            "scale_prior": "learned" if isinstance(scale_prior, LearnableLogNormalScale) else None,
             "ctf": self.ctf,
             "pixel_subsample": pixel_subsample,
             "compile": bool(compile),
@@ -229,10 +229,6 @@ class SpatialVAE(PyroModule):
                 event_shape=(2,),
             )
         if self.scale:
-            if isinstance(scale_prior, str):
-                if scale_prior != "learned":
-                    raise ValueError(f"scale_prior given by name must be 'learned', got {scale_prior!r}")
-                scale_prior = LearnableLogNormalScale(std=scale_prior_std)
             self.scale_prior = as_prior(
                 log_normal_scale(scale_prior_std) if scale_prior is None else scale_prior,
                 site="scale",
