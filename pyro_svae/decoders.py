@@ -98,6 +98,12 @@ class SpatialDecoder(nn.Module):
     ``forward(coords (..., P, D) or (P, D), z (..., z_dim)) -> (..., P, out_dim)`` evaluates at given
     coordinates; :meth:`render` evaluates a shared grid at a batch of poses with the pose folded into
     the first layer's weights (the same function, measured cheaper: see ``benchmarks/throughput.py``).
+
+    ``coord_frequency`` multiplies the coordinate projection's initial weights (PyTorch's default draws
+    them within ``±1/sqrt(coord_dim)``: features about as wide as the whole frame). Objects that fill a
+    small part of the frame, such as galaxies in a cut-out, want finer features from the start (``10``
+    for objects a tenth of the frame wide); with the default the decoder draws them in a frame magnified
+    by a ``scale`` site, when the model has one.
     """
 
     def __init__(
@@ -109,13 +115,18 @@ class SpatialDecoder(nn.Module):
         num_layers: int = 2,
         activation: str = "tanh",
         coord_dim: int = 2,
+        coord_frequency: float = 1.0,
         compile: bool = False,
     ) -> None:
         super().__init__()
         _check_sizes(hidden_dim, num_layers, out_dim)
+        if not coord_frequency > 0:
+            raise ValueError(f"coord_frequency must be positive, got {coord_frequency!r}")
         self.z_dim, self.out_dim, self.coord_dim = z_dim, out_dim, coord_dim
         self.activation = activation
         self.coord_linear = nn.Linear(coord_dim, hidden_dim)
+        with torch.no_grad():
+            self.coord_linear.weight.mul_(coord_frequency)
         self.latent_linear = nn.Linear(z_dim, hidden_dim, bias=False) if z_dim > 0 else None
         # the activation modules inside ``tail`` are not called (``_spatial_forward`` applies the activation
         # functionally); they keep the Linear layers' indices, so state dicts and checkpoints stay as before

@@ -14,7 +14,7 @@ from pyro.nn.module import to_pyro_module_
 from torch import nn
 
 from .coords import bin_centres, pixel_grid
-from .ctf import CTFParams, apply_ctf, ctf_2d
+from .ctf import CTFParams, apply_ctf, ctf_2d, gaussian_psf_2d
 from .decoders import SpatialDecoder, VanillaDecoder
 from .likelihoods import make_likelihood
 from .priors import (
@@ -94,6 +94,16 @@ class SpatialVAE(PyroModule):
     estimate of the same ELBO at about ``k / (H W)`` of the decoder's cost. In ``eval()`` mode every pixel is
     scored, so :func:`~pyro_svae.infer.evaluate` reports the exact ELBO.
 
+    ``coord_frequency`` scales the spatial decoder's initial coordinate weights
+    (:class:`~pyro_svae.decoders.SpatialDecoder`; about ``1 / size`` for objects of ``size`` grid units).
+
+    ``psf_fwhm`` (pixels) makes the program one of telescope image formation: the decoder renders the
+    galaxy above the atmosphere and the optics, and a round Gaussian point-spread function of that FWHM
+    blurs its mean (Fourier space, :func:`~pyro_svae.ctf.gaussian_psf_2d`) before a Gaussian likelihood
+    scores it (the vanilla decoder's images can be blurred too). A PSF is fixed in pixels, so a small
+    galaxy looks blurrier than a large one of the same shape, which a decoder of the clean image at a
+    ``scale`` cannot draw without it.
+
     ``compile=True`` runs the decoder through ``torch.compile`` (see ``benchmarks/throughput.py --speed``
     for when it pays).
 
@@ -131,8 +141,10 @@ class SpatialVAE(PyroModule):
         scale_prior: torch.distributions.Distribution | nn.Module | str | None = None,
         scale_prior_std: float = 0.25,
         ctf: bool = False,
+        psf_fwhm: float | None = None,
         pixel_subsample: int | None = None,
         compile: bool = False,
+        coord_frequency: float = 1.0,
         likelihood: str | nn.Module = "bernoulli",
         hidden_dim: int = 500,
         num_layers: int = 2,
@@ -157,6 +169,8 @@ class SpatialVAE(PyroModule):
             raise ValueError("enumerate_bins=True sums over rotation bins: give rotation_bins=K as well")
         if vanilla and compile:
             raise ValueError("compile applies to the spatial decoder; the vanilla decoder is not compiled")
+        if vanilla and coord_frequency != 1.0:
+            raise ValueError("coord_frequency applies to the spatial decoder, not to the vanilla one")
         if vanilla and (scale or scale_prior is not None):
             raise ValueError("vanilla=True has no pose sites: do not combine it with scale or scale_prior")
         if isinstance(scale_prior, str):
@@ -165,12 +179,14 @@ class SpatialVAE(PyroModule):
             scale_prior = LearnableLogNormalScale(std=scale_prior_std)
         self.image_shape = _image_shape(image_shape)
         channels, height, width = self.image_shape
+        if psf_fwhm is not None and not (isinstance(psf_fwhm, (int, float)) and psf_fwhm > 0):
+            raise ValueError(f"psf_fwhm must be a positive width in pixels, got {psf_fwhm!r}")
         if pixel_subsample is not None:
-            if vanilla or ctf:
+            if vanilla or ctf or psf_fwhm is not None:
                 raise ValueError(
                     "pixel_subsample needs the spatial decoder rendering pixels independently: it cannot "
-                    "be used with vanilla=True (the decoder emits all pixels at once) or ctf=True (the CTF "
-                    "mixes all pixels of an image)"
+                    "be used with vanilla=True (the decoder emits all pixels at once), ctf=True or "
+                    "psf_fwhm (the CTF and the PSF mix all pixels of an image)"
                 )
             if not isinstance(pixel_subsample, int) or not 1 <= pixel_subsample <= height * width:
                 raise ValueError(
@@ -183,6 +199,7 @@ class SpatialVAE(PyroModule):
         self.translate = (not vanilla) if translate is None else bool(translate)
         self.scale = bool(scale) or scale_prior is not None
         self.ctf = bool(ctf)
+        self.psf_fwhm = None if psf_fwhm is None else float(psf_fwhm)
         self.pixel_subsample = pixel_subsample
         self.config = {
             "image_shape": list(self.image_shape),
@@ -198,20 +215,23 @@ class SpatialVAE(PyroModule):
             "scale_prior_std": scale_prior_std,
             "scale_prior": "learned" if isinstance(scale_prior, LearnableLogNormalScale) else None,
             "ctf": self.ctf,
+            "psf_fwhm": self.psf_fwhm,
             "pixel_subsample": pixel_subsample,
             "compile": bool(compile),
+            "coord_frequency": coord_frequency,
             "likelihood": likelihood if isinstance(likelihood, str) else type(likelihood).__name__,
             "hidden_dim": hidden_dim,
             "num_layers": num_layers,
             "activation": activation,
         }
         self.likelihood = make_likelihood(likelihood)
-        if self.ctf and not getattr(self.likelihood, "linear_mean", False):
-            raise ValueError(
-                "ctf=True filters the decoder's mean image, which needs a Gaussian likelihood "
-                "('gaussian', 'gaussian_learned' or 'gaussian_pixel'), got "
-                f"{likelihood if isinstance(likelihood, str) else type(likelihood).__name__}"
-            )
+        for option, chosen in (("ctf=True", self.ctf), ("psf_fwhm", self.psf_fwhm is not None)):
+            if chosen and not getattr(self.likelihood, "linear_mean", False):
+                raise ValueError(
+                    f"{option} filters the decoder's mean image, which needs a Gaussian likelihood "
+                    "('gaussian', 'gaussian_learned' or 'gaussian_pixel'), got "
+                    f"{likelihood if isinstance(likelihood, str) else type(likelihood).__name__}"
+                )
         out_dim = channels * self.likelihood.params_per_channel
         self.z_prior = as_prior(
             standard_normal_z(z_dim) if z_prior is None else z_prior, site="z", event_shape=(z_dim,)
@@ -250,10 +270,14 @@ class SpatialVAE(PyroModule):
                 hidden_dim=hidden_dim,
                 num_layers=num_layers,
                 activation=activation,
+                coord_frequency=coord_frequency,
                 compile=compile,
             )
         self.decoder = decoder
         self.register_buffer("grid", pixel_grid(height, width), persistent=False)
+        if self.psf_fwhm is not None:
+            transfer = gaussian_psf_2d(self.psf_fwhm, height, width)  # (H, W // 2 + 1)
+            self.register_buffer("psf_transfer", transfer, persistent=False)
         self.rotation_bins = rotation_bins
         self.enumerate_bins = bool(enumerate_bins)
         if rotation_bins is not None:
@@ -301,11 +325,26 @@ class SpatialVAE(PyroModule):
 
     def filter_ctf(self, params: torch.Tensor, ctf: CTFParams) -> torch.Tensor:
         """Apply each image's CTF to the mean channels of ``params`` ``(..., B, P, k * C)``."""
+        _, height, width = self.image_shape
+        return self._filter_mean(params, ctf_2d(ctf.to(params.device), height, width))  # (B, H, W // 2 + 1)
+
+    def filter_psf(self, params: torch.Tensor) -> torch.Tensor:
+        """Blur the mean channels of ``params`` ``(..., B, P, k * C)`` by the model's PSF (``psf_fwhm``)."""
+        return self._filter_mean(params, self.psf_transfer)
+
+    def _filter_mean(self, params: torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
         channels, height, width = self.image_shape
         mean, rest = params[..., :channels], params[..., channels:]
-        transfer = ctf_2d(ctf.to(params.device), height, width)  # (B, H, W // 2 + 1)
         filtered = apply_ctf(pixels_to_images(mean, height, width), transfer)
         return torch.cat([images_to_pixels(filtered), rest], dim=-1)
+
+    def _observed(self, params: torch.Tensor, ctf: CTFParams | None, blur: bool) -> torch.Tensor:
+        """``params`` as the instrument records them: blurred by the PSF, then filtered by the CTF."""
+        if blur:
+            params = self.filter_psf(params)
+        if ctf is not None:
+            params = self.filter_ctf(params, ctf)
+        return params
 
     def decode(
         self,
@@ -315,13 +354,15 @@ class SpatialVAE(PyroModule):
         scale: torch.Tensor | None = None,
         *,
         ctf: CTFParams | None = None,
+        blur: bool = False,
     ) -> torch.Tensor:
         """Expected images ``(..., C, H, W)`` for content ``z`` at a pose (``theta = dx = 0`` if omitted);
-        with ``ctf`` the images as the microscope records them (CTF-filtered), else the clean ones."""
+        with ``ctf`` the images as the microscope records them (CTF-filtered), with ``blur=True`` as the
+        telescope records them (blurred by the model's PSF), else the clean ones."""
         _, height, width = self.image_shape
-        params = self.render(z, theta, dx, scale)
-        if ctf is not None:
-            params = self.filter_ctf(params, ctf)
+        if blur and self.psf_fwhm is None:
+            raise ValueError("blur=True applies the model's PSF, and this model has none (psf_fwhm)")
+        params = self._observed(self.render(z, theta, dx, scale), ctf, blur)
         return pixels_to_images(self.likelihood.mean(params), height, width)
 
     def forward(
@@ -358,9 +399,8 @@ class SpatialVAE(PyroModule):
             scale = pyro.sample("scale", self.scale_prior()) if self.scale else None
             if self.pixel_subsample is not None and self.training and obs is not None:
                 return self._observe_pixel_subsample(obs, z, theta, dx, scale)
-            params = self.render(z, theta, dx, scale)
-            if self.ctf:
-                params = self.filter_ctf(params, ctf)
+            blur = self.psf_fwhm is not None
+            params = self._observed(self.render(z, theta, dx, scale), ctf if self.ctf else None, blur)
             return pyro.sample("obs", self.likelihood(params), obs=obs)
 
     def _observe_pixel_subsample(self, obs, z, theta, dx, scale) -> torch.Tensor:

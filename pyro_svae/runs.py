@@ -827,7 +827,8 @@ def write_figures(
     if records:
         written.append(_save(plots.training_curves_figure(records), folder / "training_curves.png"))
     steps = manifold_steps
-    images, values = plots.decode_manifold(model, steps)
+    typical_scale = means["scale"].median() if "scale" in means else None  # the decoder picks its own unit
+    images, values = plots.decode_manifold(model, steps, scale=typical_scale)
     if model.z_dim == 1:
         images = images[:1]
     written.append(_save(plots.manifold_figure(images, values), folder / "manifold.png"))
@@ -839,15 +840,17 @@ def write_figures(
     z = means["z"][pick].to(device)
     theta = means["theta"][pick].to(device) if "theta" in means else None
     dx = means["dx"][pick].to(device) if "dx" in means else None
+    scale = means["scale"][pick].to(device) if "scale" in means else None
+    blur = model.psf_fwhm is not None  # as the telescope records them
     was_training = model.training
     model.eval()
     try:
-        reconstructions = model.decode(z, theta, dx).cpu()
+        reconstructions = model.decode(z, theta, dx, scale, blur=blur).cpu()
         aligned = None
         if theta is not None or dx is not None:
             zero_theta = None if theta is None else torch.zeros_like(theta)
             zero_dx = None if dx is None else torch.zeros_like(dx)
-            aligned = model.decode(z, zero_theta, zero_dx).cpu()
+            aligned = model.decode(z, zero_theta, zero_dx, scale, blur=blur).cpu()
     finally:
         model.train(was_training)
     figure = plots.reconstructions_figure(inputs, reconstructions, aligned)

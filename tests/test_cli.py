@@ -450,6 +450,9 @@ CONTRADICTIONS = {
     "pixel subsampling with vanilla": (["--vanilla", "--pixel-subsample", "20"], "--pixel-subsample"),
     "too many pixels": (["--pixel-subsample", "500"], "196 pixels"),
     "compile with vanilla": (["--vanilla", "--compile"], "--compile"),
+    "psf with pixel subsampling": (["--psf-fwhm", "2", "--pixel-subsample", "20"], "give one of them"),
+    "psf with a bernoulli likelihood": (["--psf-fwhm", "2"], "cannot score PSF-blurred"),
+    "coordinate frequency with vanilla": (["--vanilla", "--coord-frequency", "5"], "--coord-frequency"),
     "unknown precision": (["--precision", "fp8"], "invalid choice"),
 }
 
@@ -852,10 +855,13 @@ def test_scale_augmentation_subsampling_and_precision_are_recorded_and_rebuilt(c
     assert json.loads((out / "config.json").read_text())["training"]["precision"] == resolved
     moments = tmp_path / "moments"
     flags = ["--data", "simulated_galaxies", "--scale", "--learn-scale-prior", "--canonicalize", "moments"]
+    flags += ["--psf-fwhm", "2.5", "--coord-frequency", "10", "--likelihood", "gaussian"]
     code, stdout, err = run(capsys, "train", *flags, "--out", moments, *PARTICLE_TINY)
     assert code == 0, err
+    assert "PSF of 2.5 px FWHM" in stdout
     config = json.loads((moments / "config.json").read_text())
     assert config["guide"]["canonicalize"] == "moments" and config["model"]["scale_prior"] == "learned"
+    assert config["model"]["psf_fwhm"] == 2.5 and config["model"]["coord_frequency"] == 10
     code, stdout, err = run(capsys, "train", "--resume", moments, "--epochs", "2")
     assert code == 0, err
     code, _, err = run(capsys, "evaluate", out, "--out", tmp_path / "eval")

@@ -195,6 +195,16 @@ def test_model_and_guide_run_on_cuda():
     assert trace.nodes["theta"]["value"].device.type == "cuda"
 
 
+@requires_cuda
+def test_psf_model_runs_on_cuda():
+    model = small_model(psf_fwhm=2.0, likelihood="gaussian").cuda()
+    guide = AmortizedGuide(model, hidden_dim=8).cuda()
+    images = torch.rand(3, 1, 6, 6, device="cuda")
+    assert math.isfinite(pyro.infer.Trace_ELBO().loss(model, guide, images))
+    trace = poutine.trace(model).get_trace(images)
+    assert trace.nodes["obs"]["fn"].base_dist.loc.device.type == "cuda"
+
+
 # --- scale, CTF and pixel subsampling -------------------------------------------------------------
 
 
@@ -229,6 +239,72 @@ def test_ctf_filters_the_rendered_mean_before_the_gaussian_likelihood():
         model(images)
     with pytest.raises(ValueError, match="Gaussian likelihood"):
         small_model(ctf=True)
+
+
+def test_psf_blurs_the_rendered_mean_before_the_gaussian_likelihood():
+    from pyro_svae.ctf import gaussian_psf_2d
+
+    model = SpatialVAE((2, 16, 16), 3, hidden_dim=16, psf_fwhm=2.5, likelihood="gaussian")
+    images = torch.rand(4, 2, 16, 16)
+    trace = poutine.trace(model).get_trace(images)
+    z, theta, dx = (trace.nodes[name]["value"] for name in ("z", "theta", "dx"))
+    sharp = model.decode(z, theta, dx)
+    # the same blur as a direct (circular) convolution with the sampled Gaussian kernel
+    offsets = torch.arange(16.0)
+    offsets = torch.minimum(offsets, 16 - offsets)
+    sigma = 2.5 / (2 * math.sqrt(2 * math.log(2)))
+    kernel_1d = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = torch.outer(kernel_1d, kernel_1d)
+    kernel = kernel / kernel.sum()
+    spectrum = torch.fft.fft2(sharp) * torch.fft.fft2(kernel)
+    blurred = torch.fft.ifft2(spectrum).real
+    obs_mean = pixels_to_images(trace.nodes["obs"]["fn"].base_dist.loc, 16, 16)
+    # the sampled kernel aliases the continuous Gaussian's spectrum very slightly
+    assert torch.allclose(obs_mean, blurred, atol=2e-3)
+    assert torch.allclose(model.decode(z, theta, dx, blur=True), obs_mean, atol=1e-6)
+    assert not torch.allclose(obs_mean, sharp, atol=1e-2)
+    assert torch.allclose(obs_mean.sum((-2, -1)), sharp.sum((-2, -1)), atol=1e-4)  # the flux is kept
+    assert gaussian_psf_2d(2.5, 16)[0, 0] == 1.0 and model.config["psf_fwhm"] == 2.5
+    vanilla = small_model(vanilla=True, psf_fwhm=1.5, likelihood="gaussian")  # its images are blurred too
+    trace = poutine.trace(vanilla).get_trace(torch.rand(2, 1, 6, 6))
+    obs_mean = pixels_to_images(trace.nodes["obs"]["fn"].base_dist.loc, 6, 6)
+    assert torch.allclose(obs_mean, vanilla.decode(trace.nodes["z"]["value"], blur=True), atol=1e-6)
+    with pytest.raises(ValueError, match="has none"):
+        small_model().decode(torch.randn(1, 3), blur=True)
+    with pytest.raises(ValueError, match="Gaussian likelihood"):
+        small_model(psf_fwhm=2.0)
+    with pytest.raises(ValueError, match="psf_fwhm must be"):
+        small_model(psf_fwhm=0.0, likelihood="gaussian")
+    with pytest.raises(ValueError, match="pixel_subsample"):
+        small_model(psf_fwhm=2.0, likelihood="gaussian", pixel_subsample=9)
+
+
+def test_psf_works_with_a_ctf_and_follows_the_module_device_and_dtype():
+    from pyro_svae.ctf import apply_ctf, ctf_2d, gaussian_psf_2d
+
+    model = small_model(ctf=True, psf_fwhm=1.5, likelihood="gaussian").double()
+    assert model.psf_transfer.dtype == torch.float64
+    images, ctf = torch.randn(2, 1, 6, 6, dtype=torch.float64), make_ctf(2, pixel_size=3.0)
+    trace = poutine.trace(model).get_trace(images, ctf=ctf)
+    z, theta, dx = (trace.nodes[name]["value"] for name in ("z", "theta", "dx"))
+    expected = apply_ctf(apply_ctf(model.decode(z, theta, dx), gaussian_psf_2d(1.5, 6)), ctf_2d(ctf, 6))
+    obs_mean = pixels_to_images(trace.nodes["obs"]["fn"].base_dist.loc, 6, 6)
+    assert torch.allclose(obs_mean.float(), expected.float(), atol=1e-5)
+
+
+def test_coord_frequency_scales_the_initial_coordinate_weights():
+    torch.manual_seed(0)
+    plain = SpatialVAE((6, 6), 2, hidden_dim=64)
+    torch.manual_seed(0)
+    sharp = SpatialVAE((6, 6), 2, hidden_dim=64, coord_frequency=10.0)
+    weight, sharp_weight = plain.decoder.coord_linear.weight, sharp.decoder.coord_linear.weight
+    assert torch.allclose(sharp_weight, 10 * weight)
+    assert torch.equal(sharp.decoder.latent_linear.weight, plain.decoder.latent_linear.weight)
+    assert sharp.config["coord_frequency"] == 10.0
+    with pytest.raises(ValueError, match="coord_frequency must be positive"):
+        SpatialVAE((6, 6), 2, hidden_dim=8, coord_frequency=0.0)
+    with pytest.raises(ValueError, match="not to the vanilla one"):
+        SpatialVAE((6, 6), 2, hidden_dim=8, vanilla=True, coord_frequency=2.0)
 
 
 def test_pixel_subsampling_is_an_unbiased_estimate_of_the_full_log_likelihood():

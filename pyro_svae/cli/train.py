@@ -257,6 +257,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "unit of size",
     )
     model.add_argument(
+        "--psf-fwhm",
+        type=positive_float,
+        metavar="PIXELS",
+        help="blur the rendered image by a round Gaussian point-spread function of this FWHM before the "
+        "likelihood (telescope images: the decoder learns the galaxy before the optics; Gaussian "
+        "likelihoods only)",
+    )
+    model.add_argument(
+        "--coord-frequency",
+        type=positive_float,
+        metavar="F",
+        help="multiply the spatial decoder's initial coordinate weights by F (about 1 / object size in "
+        "grid units; e.g. 10 for galaxies that fill a tenth of the cut-out; default 1)",
+    )
+    model.add_argument(
         "--augment-rotation",
         action="store_true",
         default=None,
@@ -383,7 +398,7 @@ _OPTION_KEYS = (
     "no_translate theta_prior dx_prior likelihood learning_rate batch_size epochs device seed "
     "eval_particles posterior_draws out overwrite particles ctf pixel_size no_ctf box no_normalize "
     "invert mask_radius scale scale_prior learn_scale_prior augment_rotation canonicalize pose_search "
-    "pose_search_mode pixel_subsample compile precision"
+    "pose_search_mode pixel_subsample compile precision psf_fwhm coord_frequency"
 ).split()
 _PARTICLE_OPTIONS = ("ctf", "pixel_size", "no_ctf", "box", "no_normalize", "invert", "mask_radius")
 
@@ -449,8 +464,10 @@ def _check_contradictions(args: argparse.Namespace) -> None:
                 "--pose-search enumerates rotation bins, which cannot nest the pixels plate of "
                 "--pixel-subsample: give one of them"
             )
+    if args.psf_fwhm is not None and args.pixel_subsample is not None:
+        raise UsageError("--psf-fwhm blurs whole images, so --pixel-subsample cannot apply: give one of them")
     if args.vanilla:
-        for key in ("pixel_subsample", "compile"):
+        for key in ("pixel_subsample", "compile", "coord_frequency"):
             if getattr(args, key):
                 raise UsageError(f"{_flag(key)} applies to the spatial decoder, not to --vanilla")
 
@@ -482,6 +499,8 @@ def _build(
         ctf=ctf,
         pixel_subsample=args.pixel_subsample,
         compile=bool(args.compile),
+        psf_fwhm=args.psf_fwhm,
+        coord_frequency=args.coord_frequency or 1.0,
         likelihood=likelihood,
         hidden_dim=args.decoder_hidden_dim or hidden,
         num_layers=args.decoder_layers or layers,
@@ -514,6 +533,8 @@ def _describe(model: SpatialVAE) -> str:
         extras.append(f"pose search over {model.rotation_bins} rotation bins, {where}")
     if model.ctf:
         extras.append("CTF")
+    if model.psf_fwhm is not None:
+        extras.append(f"PSF of {model.psf_fwhm:g} px FWHM")
     if model.pixel_subsample is not None:
         extras.append(f"{model.pixel_subsample} pixels per image per step")
     return f"spatial-VAE (z_dim {model.z_dim}; infers {pose_text}{''.join('; ' + e for e in extras)})"
@@ -603,6 +624,11 @@ def _check_data_options(
         raise UsageError(
             f"--likelihood {likelihood} cannot score CTF-filtered particles: use one of "
             f"{', '.join(GAUSSIAN_LIKELIHOODS)}, or ignore the CTF with --no-ctf"
+        )
+    if args.psf_fwhm is not None and likelihood not in GAUSSIAN_LIKELIHOODS:
+        raise UsageError(
+            f"--likelihood {likelihood} cannot score PSF-blurred images (--psf-fwhm): use one of "
+            f"{', '.join(GAUSSIAN_LIKELIHOODS)}"
         )
     if args.pixel_subsample is not None:
         if ctf:
