@@ -275,6 +275,27 @@ def test_final_report_and_figures_with_ground_truth(tmp_path, posed):
         assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size < 300_000
 
 
+def test_figures_decode_at_the_inferred_scale_and_as_observed_through_the_psf(tmp_path, posed, monkeypatch):
+    _, test = posed
+    model = SpatialVAE(test.image_shape, 2, hidden_dim=8, scale=True, psf_fwhm=2.0, likelihood="gaussian")
+    guide = AmortizedGuide(model, hidden_dim=8)
+    means = {site: value.detach() for site, value in guide.posterior_means(test.images).items()}
+    calls = []
+    decode = model.decode
+
+    def recording_decode(z, theta=None, dx=None, scale=None, **kwargs):
+        calls.append((scale, kwargs.get("blur", False)))
+        return decode(z, theta, dx, scale, **kwargs)
+
+    monkeypatch.setattr(model, "decode", recording_decode)
+    runs.write_figures(tmp_path, model=model, test=test, means=means, num_reconstructions=4)
+    manifold_scale, _ = calls[0]  # the content grid at the typical inferred scale, before the PSF
+    assert torch.allclose(manifold_scale, means["scale"].median().expand_as(manifold_scale))
+    pick = torch.linspace(0, len(test) - 1, 4).round().long()
+    for scale, blur in calls[1:]:  # reconstructions and the same content upright: each image's scale
+        assert torch.equal(scale, means["scale"][pick]) and blur
+
+
 def test_environment_names_device_and_versions():
     info = runs.environment("cpu")
     assert info["device"] == "cpu" and {"torch", "pyro", "pyro_svae"} <= set(info["versions"])
