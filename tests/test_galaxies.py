@@ -181,6 +181,49 @@ def test_simulated_dx_moves_the_content_and_scale_magnifies_it():
     assert torch.allclose(radius(grown.images) / radius(still.images), grown.scale, rtol=0.06)
 
 
+def test_half_light_ratio_matches_galsim():
+    galsim = pytest.importorskip("galsim")
+    from pyro_svae.data.galaxies import half_light_ratio
+
+    fractions = np.array([0.0, 0.1, 0.35, 0.6, 1.0])
+    for index in (1.5, 4.0):
+        ratios = half_light_ratio(fractions, index)
+        for fraction, ratio in zip(fractions, ratios, strict=True):
+            bulge = galsim.Sersic(n=index, half_light_radius=4.0, flux=max(fraction, 1e-12))
+            disk = galsim.Exponential(half_light_radius=10.0, flux=max(1.0 - fraction, 1e-12))
+            expected = galsim.Add(bulge, disk).calculateHLR(scale=0.1, size=2048) / 10.0
+            assert ratio == pytest.approx(expected, abs=2e-3)
+    assert half_light_ratio(0.0, 4.0) == pytest.approx(1.0) and half_light_ratio(1.0, 4.0) == pytest.approx(
+        0.4
+    )
+
+
+def test_simulated_scale_is_the_whole_galaxys_half_light_radius():
+    # linear intensities, a narrow PSF, round galaxies: the measured half-light radius of the whole light is
+    # scale * half_light_radius * size pixels, for bulge-dominated and disk-dominated galaxies alike
+    kw = dict(seed=3, rotation="none", shift_std=0.0, axis_ratio_range=(1.0, 1.0), stretch=0.0, psf_fwhm=0.3)
+    data = simulated_galaxies(
+        12,
+        size=96,
+        noise=0.0,
+        background=0.0,
+        scale_range=(1.0, 1.5),
+        half_light_radius=0.04,
+        bulge_fraction_range=(0.0, 0.8),
+        **kw,
+    )
+    light = data.images.sum(1).flatten(1)
+    radius = pixel_grid(96).norm(dim=-1) * 95 / 2  # pixels from the centre
+    order = radius.argsort()
+    cumulative = light[:, order].cumsum(1)
+    half = radius[order][(cumulative < cumulative[:, -1:] / 2).sum(1)]
+    expected = data.scale * 0.04 * 96
+    assert torch.allclose(half, expected, rtol=0.06)
+    fraction = data.factors["bulge_fraction"]
+    assert float(fraction.max() - fraction.min()) > 0.4  # the test spans disks and bulges
+    # the disk's half-light radius (the size before) would be off by up to 1 / half_light_ratio(0.8) = 2.0x
+
+
 def test_simulated_galaxies_validates_and_names_the_extra(monkeypatch):
     with pytest.raises(DataError, match="rotation"):
         simulated_galaxies(2, rotation="spin")

@@ -13,10 +13,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.special import gammainc, gammaincinv
 
 from .datasets import DataError, ImageDataset
 
-__all__ = ["hubble_deep_field", "simulated_galaxies"]
+__all__ = ["half_light_ratio", "hubble_deep_field", "simulated_galaxies"]
 
 # Detection on the luminance (mean of R, G, B) smoothed by a Gaussian of this many pixels: it suppresses the
 # pixel-scale JPEG and drizzle noise that would otherwise break faint outskirts into separate sources.
@@ -309,7 +310,33 @@ def hubble_deep_field(
 # Colours (R, G, B weights) of the components: an old red bulge and a blue star-forming disk (and knots).
 _BULGE_RGB = np.array([1.0, 0.62, 0.36])
 _DISK_RGB = np.array([0.42, 0.66, 1.0])
+# The bulge's half-light radius over the disk's.
+_BULGE_TO_DISK = 0.4
 ROTATIONS = ("uniform", "normal", "none")
+
+
+def half_light_ratio(bulge_fraction: np.ndarray, bulge_index: np.ndarray) -> np.ndarray:
+    """Half-light radius of a bulge + disk galaxy over its disk's, for the light fraction ``bulge_fraction``
+    in a Sérsic bulge of index ``bulge_index`` and half-light radius ``_BULGE_TO_DISK`` times the disk's
+    (exponential). Radii are circularized (GalSim's shears keep the area). Exact: the light inside
+    radius ``r`` of a Sérsic of index ``n`` and half-light radius ``R`` is ``P(2n, b_n (r / R)^(1/n))``
+    (``P`` the regularized lower incomplete gamma function, ``P(2n, b_n) = 1/2``); bisection to 1e-12."""
+    fraction, index = np.broadcast_arrays(
+        np.asarray(bulge_fraction, dtype=np.float64), np.asarray(bulge_index, dtype=np.float64)
+    )
+    scale_bulge = gammaincinv(2.0 * index, 0.5)
+    scale_disk = gammaincinv(2.0, 0.5)
+
+    def enclosed(ratio: np.ndarray) -> np.ndarray:
+        bulge = gammainc(2.0 * index, scale_bulge * (ratio / _BULGE_TO_DISK) ** (1.0 / index))
+        return fraction * bulge + (1.0 - fraction) * gammainc(2.0, scale_disk * ratio)
+
+    low, high = np.full(fraction.shape, _BULGE_TO_DISK), np.ones(fraction.shape)
+    for _ in range(40):  # the half-light radius lies between the bulge's and the disk's
+        middle = 0.5 * (low + high)
+        inside = enclosed(middle) >= 0.5
+        high, low = np.where(inside, middle, high), np.where(inside, low, middle)
+    return 0.5 * (low + high)
 
 
 def _galaxy_profiles(
@@ -355,7 +382,7 @@ def simulated_galaxies(
     theta_std: float = math.pi / 4,
     shift_std: float = 1.0,
     scale_range: tuple[float, float] = (1.0, 2.0),
-    half_light_radius: float = 0.06,
+    half_light_radius: float = 0.05,
     axis_ratio_range: tuple[float, float] = (0.3, 1.0),
     bulge_fraction_range: tuple[float, float] = (0.1, 0.6),
     bulge_indices: Sequence[float] = (4.0,),
@@ -370,26 +397,28 @@ def simulated_galaxies(
 
     Each galaxy is a Sérsic bulge (index drawn from the few fixed ``bulge_indices``; 4 is de Vaucouleurs,
     GalSim builds one lookup table per index, so indices are never drawn per galaxy) of half-light radius
-    0.4 times the disk's, plus an exponential disk of half-light radius ``half_light_radius * size`` pixels
-    (the reference galaxy, ``scale = 1``), with optionally ``knots`` star-forming clumps
+    0.4 times the disk's, plus an exponential disk, sized so that the whole galaxy's (circularized)
+    half-light radius is ``scale * half_light_radius * size`` pixels whatever its bulge fraction
+    (:func:`half_light_ratio`): ``scale`` is the galaxy's size, the half-light radius astronomers quote,
+    relative to the reference galaxy's (``scale = 1``). Optionally ``knots`` star-forming clumps
     (``galsim.RandomKnots``, seeded, carrying ``knot_fraction`` of the disk light). The disk has axis ratio
     ``axis_ratio`` (uniform in ``axis_ratio_range``), the bulge the rounder ``sqrt(axis_ratio)``, both with
     their major axis along x at pose zero. The bulge is red and the disk (and knots) blue: each channel is
     a fixed mix of the two component images. Every component is convolved with a Gaussian PSF of
     ``psf_fwhm`` pixels and integrated over pixels.
 
-    Ground truth in pyro_svae's conventions (:mod:`pyro_svae.coords`): ``theta`` (radians in ``[-pi, pi)``,
-    the content turned counter-clockwise: ``"uniform"``, ``"normal"`` with ``theta_std``, or ``"none"``),
-    ``dx`` (grid units; drawn as ``N(0, shift_std)`` pixels), ``scale`` (size relative to the reference
-    galaxy, log-uniform in ``scale_range``), factors ``axis_ratio``, ``bulge_fraction`` (of the light) and
-    ``log_scale``. A galaxy is its pose-zero galaxy posed like :func:`pyro_svae.coords.transform_images`
-    poses images (surface brightness kept, so the flux grows with ``scale**2``); the pose acts on the galaxy
-    before the PSF and the pixels, so resampling the pose-zero *image* matches the drawn one closely for
-    ``theta`` and ``dx`` and only roughly for ``scale`` (the bulge's cusp is barely resolved).
-    ``tests/test_galaxies.py`` checks the signs. Content (shape, colours, knots) is drawn from ``seed``
-    independently of the pose options, so two calls that differ only in them draw the same galaxies.
-    Without knots the galaxies are symmetric under a half turn, so ``theta`` is defined modulo ``pi``
-    (compare with ``symmetry=2``); knots break the symmetry.
+    Ground truth in pyro_svae's conventions (:mod:`pyro_svae.coords`): ``theta`` (radians in
+    ``[-pi, pi)``, the content turned counter-clockwise: ``"uniform"``, ``"normal"`` with ``theta_std``, or
+    ``"none"``), ``dx`` (grid units; drawn as ``N(0, shift_std)`` pixels), ``scale`` (half-light radius
+    relative to the reference galaxy's, log-uniform in ``scale_range``), factors ``axis_ratio``,
+    ``bulge_fraction`` (of the light) and ``log_scale``. A galaxy is its pose-zero galaxy posed like
+    :func:`pyro_svae.coords.transform_images` poses images (surface brightness kept, so the flux grows
+    with ``scale**2``); the pose acts on the galaxy before the PSF and the pixels, so resampling the
+    pose-zero *image* matches the drawn one closely for ``theta`` and ``dx`` and only roughly for
+    ``scale`` (the bulge's cusp is barely resolved). ``tests/test_galaxies.py`` checks the signs. Content
+    (shape, colours, knots) is drawn from ``seed`` independently of the pose options, so two calls that
+    differ only in them draw the same galaxies. Without knots the galaxies are symmetric under a half
+    turn, so ``theta`` is defined modulo ``pi`` (compare with ``symmetry=2``); knots break the symmetry.
 
     Intensities: one constant for all images puts the peak of the most concentrated possible galaxy
     (largest bulge fraction, smallest axis ratio, ``scale = 1``, no knots) at 1 in its brightest channel;
@@ -456,8 +485,9 @@ def simulated_galaxies(
     scale = np.exp(log_scale)
 
     psf = galsim.Gaussian(fwhm=psf_fwhm)
-    disk_radius = half_light_radius * size
-    bulge_radius = 0.4 * disk_radius
+    galaxy_radius = half_light_radius * size
+    indices = np.asarray(bulge_indices, dtype=np.float64)[index_choice]
+    disk_radii = galaxy_radius / half_light_ratio(bulge_fraction, indices)
 
     def draw(profile, pose) -> np.ndarray:
         scale_i, angle, (sx, sy) = pose
@@ -465,12 +495,14 @@ def simulated_galaxies(
         image = galsim.Convolve(profile, psf).drawImage(nx=size, ny=size, scale=1.0)
         return image.array[::-1]  # GalSim's row 0 is the bottom (y = ymin); pyro_svae's is the top
 
-    def linear_image(index, fraction, ratio, clumps, knot_seed, pose=(1.0, 0.0, (0.0, 0.0))) -> np.ndarray:
+    def linear_image(
+        index, fraction, disk_radius, ratio, clumps, knot_seed, pose=(1.0, 0.0, (0.0, 0.0))
+    ) -> np.ndarray:
         """Linear RGB image (3, size, size): the red bulge and the blue disk mixed per channel."""
         bulge, disk = _galaxy_profiles(
             galsim,
             bulge_index=float(index),
-            bulge_radius=bulge_radius,
+            bulge_radius=_BULGE_TO_DISK * disk_radius,
             disk_radius=disk_radius,
             bulge_flux=fraction,
             disk_flux=1.0 - fraction,
@@ -490,18 +522,21 @@ def simulated_galaxies(
 
     # Intensity unit: the most concentrated galaxy the options allow (largest bulge fraction, smallest axis
     # ratio, scale 1, no knots) peaks at 1 before the stretch and at 1 - background after it.
-    references = [
-        linear_image(index, bulge_fraction_range[1], axis_ratio_range[0], 0, 0)
-        for index in set(bulge_indices)
-    ]
+    references = []
+    for index in set(bulge_indices):
+        disk_radius = galaxy_radius / float(half_light_ratio(bulge_fraction_range[1], index))
+        references.append(
+            linear_image(index, bulge_fraction_range[1], disk_radius, axis_ratio_range[0], 0, 0)
+        )
     gain = 1.0 / max(float(reference.max()) for reference in references)
     out_gain = (1.0 - background) / max(float(display(gain * reference).max()) for reference in references)
 
     images = np.empty((n, 3, size, size), dtype=np.float32)
     for i in range(n):
         linear = linear_image(
-            bulge_indices[index_choice[i]],
+            indices[i],
             bulge_fraction[i],
+            disk_radii[i],
             axis_ratio[i],
             knots,
             knot_seeds[i],
@@ -514,7 +549,7 @@ def simulated_galaxies(
     pixel = 2.0 / (size - 1)  # grid units per pixel
     factors = {"axis_ratio": axis_ratio, "bulge_fraction": bulge_fraction, "log_scale": log_scale}
     if len(set(bulge_indices)) > 1:
-        factors["bulge_index"] = np.asarray(bulge_indices, dtype=np.float64)[index_choice]
+        factors["bulge_index"] = indices
     return ImageDataset(
         images,
         theta=theta,
@@ -531,8 +566,8 @@ def simulated_galaxies(
             "theta_std": theta_std if rotation == "normal" else None,
             "shift_std_px": shift_std,
             "scale_range": tuple(scale_range),
-            "disk_half_light_radius_px": disk_radius,
-            "bulge_half_light_radius_px": bulge_radius,
+            "half_light_radius_px": galaxy_radius,
+            "bulge_to_disk_radius": _BULGE_TO_DISK,
             "bulge_indices": tuple(bulge_indices),
             "knots": knots,
             "knot_fraction": knot_fraction if knots else 0.0,
