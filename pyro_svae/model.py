@@ -48,6 +48,13 @@ def pixels_to_images(pixels: torch.Tensor, height: int, width: int) -> torch.Ten
     return pixels.transpose(-1, -2).unflatten(-1, (height, width))
 
 
+def _learned_scale_prior_name(prior: object) -> str | None:
+    """The name that rebuilds a :class:`~pyro_svae.priors.LearnableLogNormalScale` (``None`` for others)."""
+    if not isinstance(prior, LearnableLogNormalScale):
+        return None
+    return "learned_std" if prior.learn_std else "learned"
+
+
 def _image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in image_shape)
     if len(shape) == 2:
@@ -80,8 +87,9 @@ class SpatialVAE(PyroModule):
 
     ``scale=True`` adds a magnification site ``scale`` (event ``()``, prior ``LogNormal(0,
     scale_prior_std)`` by default or any positive distribution; ``scale_prior="learned"`` is
-    :class:`~pyro_svae.priors.LearnableLogNormalScale` of that std, whose location is fitted, and is
-    recorded in ``config`` so runs rebuild it): coordinates become ``x R(theta) s + dx`` in the paper's
+    :class:`~pyro_svae.priors.LearnableLogNormalScale` of that std, whose location is fitted
+    (``"learned_std"``: its spread too); such a prior, by name or as a module, is recorded in ``config``
+    so runs and checkpoints rebuild it): coordinates become ``x R(theta) s + dx`` in the paper's
     notation (the content is magnified by ``s``).
 
     ``ctf=True`` makes the program one of cryo-EM image formation: the decoder renders the whole image,
@@ -174,9 +182,14 @@ class SpatialVAE(PyroModule):
         if vanilla and (scale or scale_prior is not None):
             raise ValueError("vanilla=True has no pose sites: do not combine it with scale or scale_prior")
         if isinstance(scale_prior, str):
-            if scale_prior != "learned":
-                raise ValueError(f"scale_prior given by name must be 'learned', got {scale_prior!r}")
-            scale_prior = LearnableLogNormalScale(std=scale_prior_std)
+            if scale_prior not in ("learned", "learned_std"):
+                raise ValueError(
+                    f"scale_prior given by name must be 'learned' (location fitted) or 'learned_std' "
+                    f"(location and spread), got {scale_prior!r}"
+                )
+            scale_prior = LearnableLogNormalScale(std=scale_prior_std, learn_std=scale_prior == "learned_std")
+        if isinstance(scale_prior, LearnableLogNormalScale):  # the config rebuilds it with its own std
+            scale_prior_std = scale_prior.initial_std
         self.image_shape = _image_shape(image_shape)
         channels, height, width = self.image_shape
         if psf_fwhm is not None and not (isinstance(psf_fwhm, (int, float)) and psf_fwhm > 0):
@@ -213,7 +226,7 @@ class SpatialVAE(PyroModule):
             "enumerate_bins": bool(enumerate_bins),
             "scale": self.scale,
             "scale_prior_std": scale_prior_std,
-            "scale_prior": "learned" if isinstance(scale_prior, LearnableLogNormalScale) else None,
+            "scale_prior": _learned_scale_prior_name(scale_prior),
             "ctf": self.ctf,
             "psf_fwhm": self.psf_fwhm,
             "pixel_subsample": pixel_subsample,

@@ -295,13 +295,16 @@ class LearnableLogNormalScale(PyroModule):
     network renders a small object more easily in a magnified frame, and on small galaxies the inferred
     scales settle far below 1 (near 0.05 in ``benchmarks/galaxies.py``), where the fixed ``log s ~ N(0, std)``
     charges tens of nats per image and pushes size into ``z``. Learning ``loc`` lets the prior follow the
-    frame; ``std`` stays the spread of sizes around it. Pass it as
-    ``SpatialVAE(..., scale_prior=LearnableLogNormalScale())``.
+    frame; ``std`` stays the spread of sizes around it (``learn_std=True`` fits it too). Pass it as
+    ``SpatialVAE(..., scale_prior=LearnableLogNormalScale())``, or by name: ``scale_prior="learned"``
+    (location fitted) or ``"learned_std"`` (location and spread).
     """
 
     def __init__(self, loc: float = 0.0, std: float = 0.25, *, learn_std: bool = False) -> None:
         super().__init__()
         _positive(std, "scale prior std")
+        self.learn_std = bool(learn_std)
+        self.initial_std = float(std)
         self.loc = PyroParam(torch.tensor(float(loc)))
         if learn_std:
             self.std = PyroParam(torch.tensor(float(std)), constraint=constraints.positive)

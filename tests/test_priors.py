@@ -174,6 +174,34 @@ def test_learnable_log_normal_scale_moves_its_location_to_the_inferred_sizes():
         priors.LearnableLogNormalScale(std=0.0)
 
 
+def test_a_learnable_scale_prior_is_rebuilt_from_the_config_with_its_spread_and_state():
+    from pyro_svae.runs import build_model
+
+    for prior, name in (
+        (priors.LearnableLogNormalScale(std=0.5, learn_std=True), "learned_std"),
+        (priors.LearnableLogNormalScale(std=0.4), "learned"),
+    ):
+        model = SpatialVAE((6, 6), 2, hidden_dim=8, scale_prior=prior)
+        guide = AmortizedGuide(model, hidden_dim=8)
+        assert model.config["scale_prior"] == name
+        assert model.config["scale_prior_std"] == pytest.approx(prior.initial_std)
+        state = model.state_dict()
+        (loc_key,) = [key for key in state if key.startswith("scale_prior.loc")]
+        state[loc_key] = torch.tensor(0.7)  # as if trained
+        rebuilt, _ = build_model({"model": model.config, "guide": guide.config})
+        assert isinstance(rebuilt.scale_prior, priors.LearnableLogNormalScale)
+        assert rebuilt.scale_prior.learn_std == prior.learn_std
+        assert set(rebuilt.state_dict()) == set(state)  # the checkpoint loads: std a parameter or a buffer
+        rebuilt.load_state_dict(state)
+        loaded = rebuilt.scale_prior()
+        assert float(loaded.loc.detach()) == pytest.approx(0.7)
+        assert float(loaded.scale.detach()) == pytest.approx(prior.initial_std)
+    by_name = SpatialVAE((6, 6), 2, hidden_dim=8, scale_prior="learned_std", scale_prior_std=0.3)
+    assert by_name.scale_prior.learn_std and by_name.scale_prior.initial_std == 0.3
+    with pytest.raises(ValueError, match="learned_std"):
+        SpatialVAE((6, 6), 2, hidden_dim=8, scale_prior="fitted")
+
+
 def test_translation_priors_have_the_right_tails_and_support():
     far = torch.tensor([1.0, 0.0])
     normal, laplace, student = priors.normal_dx(0.1), priors.laplace_dx(0.1), priors.student_t_dx(3.0, 0.1)
