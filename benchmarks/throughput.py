@@ -47,6 +47,7 @@ from pyro_svae import AmortizedGuide, SpatialVAE
 from pyro_svae.coords import pixel_grid, pose_coordinates
 from pyro_svae.data import posed_mnist
 from pyro_svae.infer import precision_context
+from pyro_svae.likelihoods import BernoulliLikelihood
 
 DATA_SIZE = 4000  # training-set size used for the plate scaling (the reference figures' 4,000 digits)
 
@@ -101,6 +102,14 @@ class RawVAE(nn.Module):
             self.tail = _mlp([hidden] * layers + [1], False)
             self.tail.insert(0, nn.Tanh())
         self.register_buffer("grid", pixel_grid(height, width))
+
+    @torch.no_grad()
+    def init_output_bias(self, images: torch.Tensor) -> None:
+        """The decoder's output bias at the logit of the images' mean (per pixel for the vanilla VAE):
+        ``SpatialVAE.init_output_bias`` for this reference."""
+        mean = images.reshape(images.shape[0], -1).mean(0)
+        last = (self.decoder if self.vanilla else self.tail)[-1]
+        last.bias.copy_(BernoulliLikelihood().params_for_moments(mean if self.vanilla else mean.mean(), None))
 
     def sample_noise(self, batch: int) -> list[torch.Tensor]:
         """Standard-normal noise per latent, drawn like Pyro's ``Normal.rsample`` (same RNG calls)."""

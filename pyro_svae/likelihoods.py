@@ -1,7 +1,9 @@
 """Observation models: decoder outputs ``(..., P, k * C)`` -> a distribution with event shape ``(P, C)``.
 
 Each likelihood declares ``params_per_channel`` (``k``): the decoder emits that many numbers per pixel and
-channel, the first ``C`` being the mean parameter of each channel.
+channel, the first ``C`` being the mean parameter of each channel. ``params_for_moments(mean, std)`` is
+the inverse: the decoder output whose distribution has that pixel mean (and spread, where the likelihood
+has one), used to start a decoder at the data's mean image (:meth:`SpatialVAE.init_output_bias`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ class Likelihood(nn.Module):
         """Expected pixel values ``(..., P, C)`` for display."""
         return self(params).mean
 
+    def params_for_moments(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Decoder outputs ``(..., k * C)`` whose distribution has pixel mean ``mean`` ``(..., C)`` (and
+        standard deviation ``std`` ``(..., C)`` where the likelihood models it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define params_for_moments")
+
+
+# pixel means are kept this far inside (0, 1) so that the logits stay finite (|logit| <= 6.9)
+_MEAN_MARGIN = 1e-3
+
 
 class BernoulliLikelihood(Likelihood):
     """The paper's likelihood: Bernoulli on logits, accepting grey values (see :class:`GreyBernoulli`)."""
@@ -64,12 +75,26 @@ class BernoulliLikelihood(Likelihood):
     def forward(self, params: torch.Tensor) -> dist.Distribution:
         return GreyBernoulli(logits=params).to_event(2)
 
+    def params_for_moments(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        return torch.logit(mean.clamp(_MEAN_MARGIN, 1 - _MEAN_MARGIN))
+
 
 class ContinuousBernoulliLikelihood(Likelihood):
     """Continuous Bernoulli on logits: the properly normalized density on ``[0, 1]``."""
 
     def forward(self, params: torch.Tensor) -> dist.Distribution:
         return dist.ContinuousBernoulli(logits=params).to_event(2)
+
+    def params_for_moments(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        # the mean rises with the logits, with no closed-form inverse: bisect within +-15, where float32
+        # probabilities are not clamped (means 0.067 to 0.933: beyond, the nearest end)
+        target = mean.clamp(_MEAN_MARGIN, 1 - _MEAN_MARGIN)
+        low, high = torch.full_like(target, -15.0), torch.full_like(target, 15.0)
+        for _ in range(40):
+            middle = (low + high) / 2
+            below = dist.ContinuousBernoulli(logits=middle).mean < target
+            low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+        return (low + high) / 2
 
 
 class GaussianLikelihood(Likelihood):
@@ -85,6 +110,9 @@ class GaussianLikelihood(Likelihood):
 
     def forward(self, params: torch.Tensor) -> dist.Distribution:
         return dist.Normal(params, self.sigma.to(params.dtype)).to_event(2)
+
+    def params_for_moments(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        return mean.clone()
 
 
 class LearnedGaussianLikelihood(PyroModule):
@@ -105,6 +133,8 @@ class LearnedGaussianLikelihood(PyroModule):
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return params
 
+    params_for_moments = GaussianLikelihood.params_for_moments
+
 
 class PixelGaussianLikelihood(Likelihood):
     """Gaussian whose standard deviation per pixel and channel comes from the decoder ("colored noise").
@@ -122,6 +152,10 @@ class PixelGaussianLikelihood(Likelihood):
     def forward(self, params: torch.Tensor) -> dist.Distribution:
         loc, raw = params.chunk(2, dim=-1)
         return dist.Normal(loc, F.softplus(raw) + self.min_sigma).to_event(2)
+
+    def params_for_moments(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        excess = (std - self.min_sigma).clamp_min(self.min_sigma)  # softplus(raw) = sigma - min_sigma
+        return torch.cat([mean, excess + torch.log(-torch.expm1(-excess))], dim=-1)
 
 
 LIKELIHOODS = {

@@ -7,6 +7,7 @@ one smoke test and one SIGINT test run the installed console script as a subproc
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -67,6 +68,20 @@ def trained(tmp_path_factory, digits) -> Path:
     )
     assert code == 0
     return out
+
+
+def test_init_output_bias_starts_the_decoder_at_the_training_mean(capsys, digits, tmp_path):
+    from pyro_svae.runs import load_trained
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", digits["images"], "--epochs", "1", "--init-output-bias", "--out", out, *TINY]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    _, config, model, _, _ = load_trained(out)
+    assert config["training"]["init_output_bias"] is True
+    mean = float(np.load(digits["images"]).mean())  # the training split's mean is within 0.02 of it
+    bias = model.decoder.tail[-1].bias.item()  # one epoch of two Adam steps moves it by < 0.01
+    assert abs(bias - math.log(mean / (1 - mean))) < 0.2
 
 
 def copy_run(run: Path, tmp_path: Path) -> Path:
@@ -631,6 +646,12 @@ def test_particle_run_output_names_the_ctf_and_resumes(capsys, simulated, tmp_pa
     code, stdout, err = run(capsys, "train", "--resume", out, "--epochs", "2", "--no-progress")
     assert code == 0, err
     assert "epoch 2/2" in stdout and (out / "particles.star").is_file()
+
+
+def test_init_output_bias_is_refused_for_particles_with_a_ctf(capsys, simulated, tmp_path):
+    argv = ["train", "--particles", simulated, "--init-output-bias", "--out", tmp_path / "run"]
+    code, _, err = run(capsys, *argv, *PARTICLE_TINY)
+    assert_clean_error(code, err, "--init-output-bias", "CTF")
 
 
 def test_stack_with_ctf_star_preprocessing_and_no_ctf(capsys, simulated, tmp_path):

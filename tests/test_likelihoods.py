@@ -64,3 +64,23 @@ def test_pixel_gaussian_needs_two_outputs_per_channel():
 def test_unknown_likelihood_names_the_choices():
     with pytest.raises(ValueError, match="bernoulli"):
         make_likelihood("poisson")
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_params_for_moments_inverts_the_likelihood_mean(name):
+    likelihood = make_likelihood(name)
+    mean = torch.tensor([[0.13, 0.5, 0.7], [0.3, 0.08, 0.9]])  # (pixels, channels)
+    std = torch.tensor([[0.2, 0.1, 0.3], [0.05, 0.4, 0.2]])
+    params = likelihood.params_for_moments(mean, std)
+    assert params.shape == (2, 3 * likelihood.params_per_channel)
+    distribution = likelihood(params.unsqueeze(0))
+    assert torch.allclose(distribution.mean[0], mean, atol=1e-5)
+    if name == "gaussian_pixel":  # the decoder's spread too
+        assert torch.allclose(distribution.stddev[0], std, atol=1e-5)
+
+
+def test_params_for_moments_stays_finite_at_black_and_white_pixels():
+    mean, std = torch.tensor([0.0, 1.0]), torch.zeros(2)
+    for name in ("bernoulli", "continuous_bernoulli"):
+        params = make_likelihood(name).params_for_moments(mean, std)
+        assert torch.isfinite(params).all() and params[0] < -6 and params[1] > 6

@@ -343,3 +343,71 @@ def test_compiled_decoder_computes_the_same_images():
     assert torch.allclose(compiled.render(z, theta, dx), plain.render(z, theta, dx), atol=1e-5)
     with pytest.raises(ValueError, match="compile"):
         small_model(vanilla=True, compile=True)
+
+
+def _initial_output(model: SpatialVAE) -> torch.Tensor:
+    """The decoder's output with its last layer's weights at zero: the output bias alone."""
+    with torch.no_grad():
+        model.decoder.tail[-1].weight.zero_()
+        return model.decoder(torch.zeros(model.z_dim)) if model.vanilla else model.render(torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "gaussian_pixel"])
+def test_init_output_bias_starts_the_spatial_decoder_at_each_channels_mean(likelihood):
+    torch.manual_seed(0)
+    images = torch.rand(40, 3, 6, 6) * torch.tensor([0.3, 0.6, 0.9]).reshape(3, 1, 1)
+    model = SpatialVAE((3, 6, 6), z_dim=2, hidden_dim=8, likelihood=likelihood)
+    assert model.init_output_bias(images) is model
+    mean = model.likelihood.mean(_initial_output(model))  # (1, P, C)
+    expected = images.mean(dim=(0, 2, 3))
+    assert torch.allclose(mean, expected.expand_as(mean), atol=1e-5)
+    if likelihood == "gaussian_pixel":
+        spread = model.likelihood(_initial_output(model)).stddev
+        assert torch.allclose(spread, images.std(dim=(0, 2, 3), unbiased=False).expand_as(spread), atol=1e-4)
+
+
+def test_init_output_bias_starts_the_vanilla_decoder_at_the_mean_image():
+    torch.manual_seed(0)
+    images = torch.rand(30, 1, 5, 5) * torch.linspace(0.1, 0.9, 25).reshape(1, 1, 5, 5)
+    model = SpatialVAE((5, 5), z_dim=2, hidden_dim=8, vanilla=True).init_output_bias(images)
+    mean = model.likelihood.mean(_initial_output(model))  # (P, C)
+    assert torch.allclose(mean, images.mean(0).reshape(25, 1), atol=1e-5)
+
+
+def test_init_output_bias_raises_the_initial_elbo():
+    from pyro_svae.data import rotated_mnist
+
+    train, _ = rotated_mnist(test_size=100)
+    images = train.images[:200]
+
+    def initial_elbo(init: bool) -> float:
+        pyro.set_rng_seed(0)
+        model = SpatialVAE((28, 28), z_dim=2, hidden_dim=32)
+        if init:
+            model.init_output_bias(images)
+        guide = AmortizedGuide(model, hidden_dim=32)
+        loss = pyro.infer.Trace_ELBO(num_particles=4).loss(model.model, guide.guide, images)
+        return -loss / len(images)
+
+    plain, started = initial_elbo(False), initial_elbo(True)
+    assert started > plain + 100  # a dark background from the first step (MNIST's mean pixel is ~0.13)
+
+
+def test_init_output_bias_rejects_models_and_data_it_cannot_serve():
+    with pytest.raises(ValueError, match="CTF"):
+        SpatialVAE((6, 6), z_dim=2, hidden_dim=8, ctf=True, likelihood="gaussian").init_output_bias(
+            torch.rand(4, 6, 6)
+        )
+    model = SpatialVAE((6, 6), z_dim=2, hidden_dim=8)
+    with pytest.raises(ValueError, match="expects images of shape"):
+        model.init_output_bias(torch.rand(4, 5, 5))
+    with pytest.raises(ValueError):
+        model.init_output_bias(torch.full((4, 6, 6), float("nan")))
+
+
+@requires_cuda
+def test_init_output_bias_follows_the_module_device():
+    model = SpatialVAE((6, 6), z_dim=2, hidden_dim=8).cuda()
+    model.init_output_bias(torch.rand(4, 6, 6, device="cuda"))
+    model.init_output_bias(torch.rand(4, 6, 6))  # CPU data into a CUDA model
+    assert model.decoder.tail[-1].bias.device.type == "cuda"

@@ -353,6 +353,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--seed", type=non_negative_int, metavar="N", help=f"random seed (default: {d['seed']})"
     )
     training.add_argument(
+        "--init-output-bias",
+        action="store_true",
+        default=None,
+        help="start the decoder at the training images' mean (its output bias; not with a CTF): "
+        "saves the first epochs at small learning rates",
+    )
+    training.add_argument(
         "--eval-particles",
         type=positive_int,
         metavar="K",
@@ -679,6 +686,13 @@ def main(args: argparse.Namespace) -> int:
         ctf=ctf,
         pose_search_mode=pose_search_mode,
     )
+    if args.init_output_bias:
+        if ctf:
+            raise UsageError(
+                "--init-output-bias sets the decoder's output to the images' mean, which the particles' "
+                "CTF filters before it meets the data: drop it, or add --no-ctf"
+            )
+        model.init_output_bias(train)
     training = {
         key: _value(args, key)
         for key in (
@@ -691,6 +705,7 @@ def main(args: argparse.Namespace) -> int:
             "precision",
         )
     }
+    training["init_output_bias"] = bool(args.init_output_bias)
     training["precision"] = resolve_precision(training["precision"], device)
     config = runs.make_config(model, guide, data=spec, training=training)
     label = spec.get("builtin") or _data_path(spec).name.split(".")[0]
