@@ -155,7 +155,8 @@ def main() -> None:
             callbacks=[
                 lambda e, r, k=kind: print(
                     f"  {k} epoch {e}: test elbo {r['test']['elbo']:.1f} "
-                    f"theta r {r['test'].get('theta_circ_corr', 0):.3f}",
+                    f"theta r {r['test'].get('theta_circ_corr', 0):.3f} "
+                    f"(Fisher-Lee {r['test'].get('theta_circ_corr_fisher_lee', 0):.3f})",
                     flush=True,
                 )
             ],
@@ -166,6 +167,9 @@ def main() -> None:
         row = {
             "guide": kind,
             "theta_circ_corr": M.circular_correlation(means["theta"], test.theta),
+            "theta_circ_corr_fisher_lee": M.circular_correlation(
+                means["theta"], test.theta, method="fisher-lee"
+            ),
             "within_15deg": M.fraction_within(means["theta"], test.theta, 15.0),
             "test_elbo": history.last("test")["elbo"],
             "iw_elbo": report["iw_elbo"],
@@ -176,9 +180,13 @@ def main() -> None:
             "theta_circ_corr_within_digit": M.circular_correlation_within(
                 means["theta"], test.theta, test.labels
             ),
+            "theta_circ_corr_within_digit_fisher_lee": M.circular_correlation_within(
+                means["theta"], test.theta, test.labels, method="fisher-lee"
+            ),
             "step_rss_mb": step_peak_rss_mb(kind, args),
             "curve": history.values("elbo", "test"),
             "theta_curve": history.values("theta_circ_corr", "test"),
+            "theta_curve_fisher_lee": history.values("theta_circ_corr_fisher_lee", "test"),
         }
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if "curve" not in k}), flush=True)
@@ -189,16 +197,18 @@ def main() -> None:
         f"lr {args.lr}, batch {args.batch_size}, seed {args.seed}, threads {torch.get_num_threads()}"
     )
     header = (
-        "| guide | θ circ. corr. | θ corr. mod π | θ corr. within digit | within 15° | test ELBO "
-        "| IWAE (K={}) | clustering acc. | s/epoch | step peak RSS (MiB, base → peak) |"
+        "| guide | θ circ. corr. (Fisher-Lee) | θ circ. corr. (J-S) | θ corr. mod π | θ corr. within digit "
+        "(F-L) | within 15° | test ELBO | IWAE (K={}) | clustering acc. | s/epoch "
+        "| step peak RSS (MiB, base → peak) |"
     )
     print(header.format(args.particles))
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         base, peak = r["step_rss_mb"]
         print(
-            f"| {r['guide']} | {r['theta_circ_corr']:.3f} | {r['theta_circ_corr_mod_pi']:.3f} | "
-            f"{r['theta_circ_corr_within_digit']:.3f} | {r['within_15deg']:.3f} | {r['test_elbo']:.1f} | "
+            f"| {r['guide']} | {r['theta_circ_corr_fisher_lee']:.3f} | {r['theta_circ_corr']:.3f} | "
+            f"{r['theta_circ_corr_mod_pi']:.3f} | {r['theta_circ_corr_within_digit_fisher_lee']:.3f} | "
+            f"{r['within_15deg']:.3f} | {r['test_elbo']:.1f} | "
             f"{r['iw_elbo']:.1f} | {r['clustering']:.3f} | "
             f"{r['s_per_epoch']:.1f} | {base:.0f} → {peak:.0f} |"
         )

@@ -260,11 +260,15 @@ def recovery_metrics(
     train_means: dict[str, torch.Tensor] | None = None,
     train: ImageDataset | None = None,
 ) -> dict[str, float]:
-    """Pose recovery (θ circular correlation and median error in degrees after the best global offset,
-    Δx Pearson r) and content quality (k-NN accuracy of labels from ``z``) where the truth is known."""
+    """Pose recovery (θ circular correlation, Jammalamadaka's and Fisher-Lee's, the one to read when θ
+    is spread over the whole circle; median error in degrees after the best global offset; Δx Pearson
+    r) and content quality (k-NN accuracy of labels from ``z``) where the truth is known."""
     result: dict[str, float] = {}
     if "theta" in means and data.theta is not None:
         result["theta_circ_corr"] = M.circular_correlation(means["theta"], data.theta)
+        result["theta_circ_corr_fisher_lee"] = M.circular_correlation(
+            means["theta"], data.theta, method="fisher-lee"
+        )
         result["theta_median_error_deg"] = math.degrees(M.median_angular_error(means["theta"], data.theta))
     if "scale" in means and data.scale is not None and float(data.scale.std()) > 0:
         result["log_scale_corr"] = M.pearson(torch.log(means["scale"]), torch.log(data.scale))

@@ -11,6 +11,7 @@ import torch
 from .coords import transform_images
 
 __all__ = [
+    "CIRCULAR_CORRELATIONS",
     "circular_correlation",
     "circular_correlation_within",
     "angular_errors",
@@ -33,20 +34,44 @@ def _numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def circular_correlation(estimate, truth, *, symmetry: int = 1) -> float:
-    """Circular correlation coefficient (Jammalamadaka & SenGupta) between two sets of angles.
+CIRCULAR_CORRELATIONS = ("jammalamadaka", "fisher-lee")
 
-    With ``symmetry = n`` the angles are compared modulo ``2 pi / n`` (correlation of ``n * theta``).
-    It is invariant to a global offset of either set; 1 means perfectly related, ~0 unrelated.
+
+def circular_correlation(estimate, truth, *, symmetry: int = 1, method: str = "jammalamadaka") -> float:
+    """Circular correlation coefficient between two sets of angles; 1 means perfectly related up to a
+    global offset, ~0 unrelated, -1 related by a reflection (one set turning the other way).
+
+    ``method="jammalamadaka"`` (Jammalamadaka & SenGupta) centres each set on its mean direction. Angles
+    spread uniformly over the circle have no mean direction (the resultant of ``n`` of them is
+    ``O(1/sqrt(n))`` long and points anywhere), so the centring is noise and the coefficient of the same
+    estimates can swing widely, even change sign, from one sample of ``n`` to the next: use it for
+    concentrated angles (the paper's ``N(0, pi/4)``). ``method="fisher-lee"`` (Fisher & Lee 1983) compares
+    all pairs, ``sum sin(a_i - a_j) sin(b_i - b_j)`` normalized, and needs no centre: the coefficient for
+    uniformly posed data (for them it is about the squared mean resultant length of the errors,
+    ``|mean exp(i (a - b))|^2``), computed in ``O(n)``. With ``symmetry = n`` the angles are compared modulo
+    ``2 pi / n`` (correlation of ``n * theta``).
     """
+    if method not in CIRCULAR_CORRELATIONS:
+        raise ValueError(f"unknown method {method!r}; expected one of {CIRCULAR_CORRELATIONS}")
     a, b = symmetry * _numpy(estimate), symmetry * _numpy(truth)
+    if method == "fisher-lee":
+        # sum_ij sin(x_ij) sin(y_ij) = (|sum exp(i(a-b))|^2 - |sum exp(i(a+b))|^2) / 2, and
+        # sum_ij sin^2(a_i - a_j) = (n^2 - |sum exp(2ia)|^2) / 2
+        n = a.size
+        difference, total = np.exp(1j * (a - b)).sum(), np.exp(1j * (a + b)).sum()
+        spread_a = n**2 - abs(np.exp(2j * a).sum()) ** 2
+        spread_b = n**2 - abs(np.exp(2j * b).sum()) ** 2
+        denominator = math.sqrt(max(spread_a * spread_b, 0.0))
+        return float((abs(difference) ** 2 - abs(total) ** 2) / denominator) if denominator > 0 else 0.0
     sa = np.sin(a - np.angle(np.exp(1j * a).mean()))
     sb = np.sin(b - np.angle(np.exp(1j * b).mean()))
     denominator = math.sqrt(float((sa**2).sum() * (sb**2).sum()))
     return float((sa * sb).sum() / denominator) if denominator > 0 else 0.0
 
 
-def circular_correlation_within(estimate, truth, groups, *, symmetry: int = 1) -> float:
+def circular_correlation_within(
+    estimate, truth, groups, *, symmetry: int = 1, method: str = "jammalamadaka"
+) -> float:
     """Circular correlation computed inside each group (e.g. digit class) with its own offset, averaged
     with weights by group size.
 
@@ -62,7 +87,10 @@ def circular_correlation_within(estimate, truth, groups, *, symmetry: int = 1) -
         members = groups == group
         count = int(members.sum())
         if count > 1:
-            total += count * circular_correlation(estimate[members], truth[members], symmetry=symmetry)
+            correlation = circular_correlation(
+                estimate[members], truth[members], symmetry=symmetry, method=method
+            )
+            total += count * correlation
             weight += count
     return total / weight if weight else 0.0
 

@@ -137,3 +137,38 @@ def test_circular_correlation_within_groups_forgives_a_frame_per_group_but_not_n
     assert M.circular_correlation_within(noisy, truth, groups) == pytest.approx(2 / 3, abs=0.1)
     with pytest.raises(ValueError, match="lengths"):
         M.circular_correlation_within(estimate, truth, groups[:10])
+
+
+def _fisher_lee_by_pairs(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = np.sin(a[:, None] - a[None, :]), np.sin(b[:, None] - b[None, :])
+    return float((sa * sb).sum() / math.sqrt((sa**2).sum() * (sb**2).sum()))
+
+
+def test_fisher_lee_equals_its_definition_over_pairs_and_sees_offsets_and_reflections():
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(-math.pi, math.pi, 300)
+    estimate = truth + 1.3 + rng.normal(0.0, 0.5, 300)
+    fl = M.circular_correlation(estimate, truth, method="fisher-lee")
+    assert fl == pytest.approx(_fisher_lee_by_pairs(estimate, truth), abs=1e-10)
+    assert M.circular_correlation(truth + 2.0, truth, method="fisher-lee") == pytest.approx(1.0)
+    assert M.circular_correlation(0.5 - truth, truth, method="fisher-lee") == pytest.approx(-1.0)
+    halves = M.circular_correlation(estimate, truth, symmetry=2, method="fisher-lee")
+    assert halves == pytest.approx(_fisher_lee_by_pairs(2 * estimate, 2 * truth), abs=1e-10)
+    with pytest.raises(ValueError, match="fisher-lee"):
+        M.circular_correlation(estimate, truth, method="pearson")
+
+
+def test_fisher_lee_is_steady_for_uniform_angles_where_the_centred_coefficient_swings():
+    # the same noise model drawn 20 times: Jammalamadaka's coefficient centres on mean directions that
+    # uniform angles do not have, so it swings (even changes sign); Fisher-Lee's stays put
+    rng = np.random.default_rng(1)
+    centred, pairs = [], []
+    for _ in range(20):
+        truth = rng.uniform(-math.pi, math.pi, 1000)
+        estimate = truth + rng.normal(0.0, 0.6, 1000)
+        centred.append(M.circular_correlation(estimate, truth))
+        pairs.append(M.circular_correlation(estimate, truth, method="fisher-lee"))
+    assert max(centred) - min(centred) > 0.5
+    assert max(pairs) - min(pairs) < 0.05
+    resultant = math.exp(-(0.6**2) / 2)  # E exp(i noise): Fisher-Lee ~ its square for uniform angles
+    assert np.mean(pairs) == pytest.approx(resultant**2, abs=0.02)
