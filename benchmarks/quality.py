@@ -40,10 +40,12 @@ images' mean (``SpatialVAE.init_output_bias``: logit of the mean pixel; per pixe
 From PyTorch's initial weights (the original code's start) the spatial decoder at Adam 1e-4 sits on a
 plateau near -310 nats for ~15 epochs before it takes off; started at the mean it takes off at epoch 3.
 Measured (``--configs rot-head --loss meanfield --precision bf16 --particles 16 --threads 1``, 40
-epochs), test ELBO / IW bound / theta circular correlation, seeds 0, 1, 2:
+epochs), test ELBO / IW bound / theta circular correlation, seeds 0 to 4:
 
-* spatial, PyTorch's initial weights: -218.4 / -216.3 / 0.55, -217.0 / -215.2 / 0.56, -225.1 / -224.4 / 0.17
-* spatial, ``--init-output-bias``: -197.5 / -195.4 / 0.63, -198.7 / -196.6 / 0.61, -200.5 / -198.4 / 0.64
+* spatial, PyTorch's initial weights: -218.4 / -216.3 / 0.55, -217.0 / -215.2 / 0.56, -225.1 / -224.4 /
+  0.17, -214.0 / -211.7 / 0.48, -226.7 / -225.7 / 0.60
+* spatial, ``--init-output-bias``: -197.5 / -195.4 / 0.63, -198.7 / -196.6 / 0.61, -200.5 / -198.4 / 0.64,
+  -201.1 / -199.4 / 0.13, -198.1 / -195.9 / 0.54 (``--loss trace``, seed 0: -197.7 / -195.4 / 0.63)
 * vanilla, ``--init-output-bias``, seed 0: -196.6 / -196.3 (PyTorch's initial weights: -213.9)
 * the original's math (``--models original``), ``--init-output-bias``, seed 0, fp32: -200.3, theta -0.05
 * issue #2's reference (the original code): -214.2, theta 0.62; vanilla -213.9
