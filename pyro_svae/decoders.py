@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +60,45 @@ def _posed_projection(
     return projection
 
 
+@torch.library.custom_op("pyro_svae::linear_tanh", mutates_args=())
+def _linear_tanh_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``tanh(x W^T + b)`` as one oneDNN primitive (the tanh applied as the product's post-op), opaque
+    to the compiler, which has no lowering for it outside frozen inference graphs."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "tanh", [], "")
+
+
+@_linear_tanh_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class _LinearTanh(torch.autograd.Function):
+    """``tanh(x W^T + b)`` with the oneDNN forward and the two products of the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        out = _linear_tanh_op(x, weight, bias)
+        ctx.save_for_backward(x, weight, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, out = ctx.saved_tensors
+        grad = grad * (1 - out * out)
+        rows = grad.reshape(-1, grad.shape[-1])
+        return grad @ weight, rows.t() @ x.reshape(-1, x.shape[-1]), rows.sum(0)
+
+
+def _fusable_tanh(hidden: torch.Tensor, activation: str, num_linears: int) -> bool:
+    return (
+        activation == "tanh"
+        and num_linears > 2
+        and hidden.device.type == "cpu"
+        and hidden.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+    )
+
+
 def _spatial_forward(
     grid: torch.Tensor,
     theta: torch.Tensor | None,
@@ -66,11 +107,14 @@ def _spatial_forward(
     latent: torch.Tensor | None,
     linears: list[tuple[torch.Tensor, torch.Tensor]],
     activation: str,
+    fuse_tanh: bool = False,
 ) -> torch.Tensor:
     """The spatial decoder as a pure function of its weights (what ``torch.compile`` traces): the posed
     coordinate projection of ``grid`` ``(P, 2)`` plus the broadcast latent projection, then the MLP tail.
     The small pose-times-weight products stay in the grid's dtype under autocast; the per-pixel
-    products do not."""
+    products do not. ``fuse_tanh`` runs each hidden ``Linear`` and its tanh as one oneDNN primitive on
+    the CPU (the compiled decoder's path: measured 5 % faster per paper-size bf16 step than the compiler's
+    own tanh kernel; no faster uncompiled)."""
     act = _FUNCTIONAL[activation]
     weight, bias = linears[0]
     with torch.autocast(grid.device.type, enabled=False):
@@ -85,6 +129,13 @@ def _spatial_forward(
     # add the offset in the product's dtype: a float32 offset would promote the (..., P, H) activations
     # back to float32 under autocast (a full-size copy and a float32 tanh)
     hidden = hidden + offset.unsqueeze(-2).to(hidden.dtype)
+    if fuse_tanh and _fusable_tanh(hidden, activation, len(linears)):
+        out = act(hidden)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else out.dtype
+        for weight, bias in linears[1:-1]:
+            out = _LinearTanh.apply(out.to(dtype), weight.to(dtype), bias.to(dtype))
+        weight, bias = linears[-1]
+        return F.linear(out, weight, bias)
     for weight, bias in linears[1:]:
         hidden = F.linear(act(hidden), weight, bias)
     return hidden
@@ -133,7 +184,8 @@ class SpatialDecoder(nn.Module):
         self.tail = mlp_tail(hidden_dim, num_layers, out_dim, activation)
         # compiled as a function of the weights, so that module attribute lookups (Pyro's param store
         # behind PyroModule) stay outside the traced graph
-        self._forward_fn = torch.compile(_spatial_forward, dynamic=None) if compile else _spatial_forward
+        fused = functools.partial(_spatial_forward, fuse_tanh=True)
+        self._forward_fn = torch.compile(fused, dynamic=None) if compile else _spatial_forward
 
     def _weights(self, z: torch.Tensor | None):
         latent = None

@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from pyro_svae.coords import pixel_grid
+from pyro_svae.decoders import SpatialDecoder, _spatial_forward
+
+
+def _outputs_and_grads(decoder: SpatialDecoder, fuse: bool, autocast: bool):
+    torch.manual_seed(1)
+    grid = pixel_grid(7, 7)
+    theta = torch.randn(3, requires_grad=True)
+    dx = 0.1 * torch.randn(3, 2)
+    latent, linears = decoder._weights(torch.randn(3, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = _spatial_forward(grid, theta, dx, None, latent, linears, "tanh", fuse_tanh=fuse)
+    out.float().square().sum().backward()
+    grads = [theta.grad] + [p.grad.clone() for p in decoder.parameters()]
+    decoder.zero_grad()
+    return out.float(), grads
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_fused_linear_tanh_computes_the_same_outputs_and_gradients(autocast):
+    torch.manual_seed(0)
+    decoder = SpatialDecoder(2, 1, hidden_dim=16, num_layers=3)
+    plain, plain_grads = _outputs_and_grads(decoder, False, autocast)
+    fused, fused_grads = _outputs_and_grads(decoder, True, autocast)
+    tolerance = {"rtol": 3e-2, "atol": 3e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(fused, plain, **tolerance)
+    for got, expected in zip(fused_grads, plain_grads, strict=True):
+        scale = expected.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got / scale, expected / scale, **tolerance)
