@@ -60,16 +60,21 @@ def _posed_projection(
     return projection
 
 
-@torch.library.custom_op("pyro_svae::linear_tanh", mutates_args=())
-def _linear_tanh_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _linear_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``tanh(x W^T + b)`` as one oneDNN primitive (the tanh applied as the product's post-op), opaque
     to the compiler, which has no lowering for it outside frozen inference graphs."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "tanh", [], "")
 
 
-@_linear_tanh_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _linear_tanh_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4; older releases keep the compiler's own tanh
+    _linear_tanh_op = torch.library.custom_op("pyro_svae::linear_tanh", mutates_args=())(_linear_tanh)
+    _linear_tanh_op.register_fake(_linear_tanh_shape)
+else:  # pragma: no cover - depends on the torch release
+    _linear_tanh_op = None
 
 
 class _LinearTanh(torch.autograd.Function):
@@ -96,6 +101,7 @@ def _fusable_tanh(hidden: torch.Tensor, activation: str, num_linears: int) -> bo
         and hidden.device.type == "cpu"
         and hidden.dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
+        and _linear_tanh_op is not None
     )
 
 

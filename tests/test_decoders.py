@@ -31,3 +31,17 @@ def test_fused_linear_tanh_computes_the_same_outputs_and_gradients(autocast):
     for got, expected in zip(fused_grads, plain_grads, strict=True):
         scale = expected.abs().max().clamp_min(1.0)
         torch.testing.assert_close(got / scale, expected / scale, **tolerance)
+
+
+def test_compiled_decoder_trains_with_the_same_gradients():
+    torch.manual_seed(0)
+    plain = SpatialDecoder(2, 1, hidden_dim=16, num_layers=2)
+    compiled = SpatialDecoder(2, 1, hidden_dim=16, num_layers=2, compile=True)
+    compiled.load_state_dict(plain.state_dict())
+    grid, z, theta = pixel_grid(6, 6), torch.randn(3, 2), torch.randn(3)
+    grads = []
+    for decoder in (plain, compiled):
+        decoder.render(grid, z, theta).square().sum().backward()
+        grads.append([p.grad for p in decoder.parameters()])
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
