@@ -119,7 +119,7 @@ def _spatial_forward(
     coordinate projection of ``grid`` ``(P, 2)`` plus the broadcast latent projection, then the MLP tail.
     The small pose-times-weight products stay in the grid's dtype under autocast; the per-pixel
     products do not. ``fuse_tanh`` runs each hidden ``Linear`` and its tanh as one oneDNN primitive on
-    the CPU (the compiled decoder's path: measured 5 % faster per paper-size bf16 step than the compiler's
+    the CPU (the compiled decoder's path: measured 2.5-5 % faster per paper-size bf16 step than the compiler's
     own tanh kernel; no faster uncompiled)."""
     act = _FUNCTIONAL[activation]
     weight, bias = linears[0]
