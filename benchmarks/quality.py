@@ -47,7 +47,8 @@ epochs), test ELBO / IW bound / theta circular correlation, seeds 0 to 4:
 * spatial, ``--init-output-bias``: -197.5 / -195.4 / 0.63, -198.7 / -196.6 / 0.61, -200.5 / -198.4 / 0.64,
   -201.1 / -199.4 / 0.13, -198.1 / -195.9 / 0.54 (``--loss trace``, seed 0: -197.7 / -195.4 / 0.63)
 * vanilla, ``--init-output-bias``, seed 0: -196.6 / -196.3 (PyTorch's initial weights: -213.9)
-* the original's math (``--models original``), ``--init-output-bias``, seed 0, fp32: -200.3, theta -0.05
+* the original's math (``--models original``), ``--init-output-bias``, fp32: seed 0 -200.3, theta -0.05;
+  seed 1 -202.9, theta 0.10
 * issue #2's reference (the original code): -214.2, theta 0.62; vanilla -213.9
 
     python benchmarks/quality.py --threads 1 --out /tmp/quality.json
