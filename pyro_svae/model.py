@@ -357,9 +357,7 @@ class SpatialVAE(PyroModule):
                 "init_output_bias: with ctf=True the decoder's output is filtered by each image's CTF "
                 "before it meets the data, so the data's mean does not give the output bias"
             )
-        images = as_dataset(data, self.image_shape).images
-        if images.shape[0] == 0:
-            raise ValueError("init_output_bias needs at least one image")
+        images = as_dataset(data, self.image_shape).images  # rejects empty, NaN and mis-shaped data
         per_pixel = self.vanilla
         shape = self.image_shape if per_pixel else self.image_shape[:1]
         total = torch.zeros(shape, dtype=torch.float64, device=images.device)

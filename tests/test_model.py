@@ -403,6 +403,8 @@ def test_init_output_bias_rejects_models_and_data_it_cannot_serve():
         model.init_output_bias(torch.rand(4, 5, 5))
     with pytest.raises(ValueError):
         model.init_output_bias(torch.full((4, 6, 6), float("nan")))
+    with pytest.raises(ValueError, match="empty"):
+        model.init_output_bias(torch.rand(0, 6, 6))
 
 
 @requires_cuda
