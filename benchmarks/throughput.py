@@ -22,10 +22,15 @@ the two really compute the same thing.
 fp32 and bf16 autocast, with and without ``torch.compile`` of the decoder, with every pixel and with
 pixel-subsampled ELBOs (50 %, 25 %), with the pose folded into the first layer's weights (the library)
 and applied to every coordinate ("posed coords"), against the raw-PyTorch fp32 reference of the same
-math; the bare matmul GFLOP/s at the dominant shape (batch x pixels rows by hidden x hidden) as the
-ceiling and the step's effective matmul GFLOP/s; and the peak resident memory of one step (Linux:
-``VmHWM`` after resetting it through ``/proc/self/clear_refs``). On CUDA (``--device cuda``) the same
-table with fp32, bf16 and fp16 and peak memory from ``torch.cuda.max_memory_allocated``.
+math; the GFLOP/s of the bare products at the dominant shape (batch x pixels rows by hidden x hidden:
+forward, input and weight gradient, into preallocated outputs) as the ceiling and the step's
+effective matmul GFLOP/s; and the peak resident memory of one step (Linux:
+``VmHWM`` after resetting it through ``/proc/self/clear_refs``). On the CPU every step is timed twice,
+interleaved: with the C library's allocator (glibc maps every block above 32 MiB afresh and unmaps it
+when freed, so each step page-faults its large activations again) and with freed memory retained
+(``pyro_svae.retain_freed_memory``, what ``pyro-svae train`` does), each against the reference under the
+same setting. On CUDA (``--device cuda``) the same table with fp32, bf16 and fp16 and peak memory from
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from torch import nn
 from pyro_svae import AmortizedGuide, SpatialVAE
 from pyro_svae.coords import pixel_grid, pose_coordinates
 from pyro_svae.data import posed_mnist
-from pyro_svae.infer import precision_context
+from pyro_svae.infer import precision_context, retain_freed_memory
 from pyro_svae.likelihoods import BernoulliLikelihood
 
 DATA_SIZE = 4000  # training-set size used for the plate scaling (the reference figures' 4,000 digits)
@@ -294,19 +299,32 @@ def benchmark(hidden: int, layers: int, vanilla: bool, args, batches) -> dict:
 def bare_matmul_gflops(
     rows: int, hidden: int, dtype: torch.dtype, device: torch.device, repeats: int
 ) -> float:
-    """GFLOP/s of ``(rows x hidden) @ (hidden x hidden)``: the ceiling of the decoder's dominant layer."""
+    """GFLOP/s of the three products a layer of ``rows x hidden`` activations by ``hidden x hidden``
+    weights takes per step: forward ``A @ W``, input gradient ``G @ Wᵀ`` and weight gradient ``Gᵀ @ A``
+    (their FLOPs over their summed median times): the ceiling of the decoder's dominant layer."""
     a = torch.randn(rows, hidden, device=device).to(dtype)
+    g = torch.randn(rows, hidden, device=device).to(dtype)
     w = torch.randn(hidden, hidden, device=device).to(dtype)
-    for _ in range(2):
-        a @ w
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        began = time.perf_counter()
-        a @ w
-        _sync(device)
-        times.append(time.perf_counter() - began)
-    return 2 * rows * hidden * hidden / statistics.median(times) / 1e9
+    out = torch.empty(rows, hidden, device=device, dtype=dtype)  # no allocation (nor page faults) timed
+    out_w = torch.empty(hidden, hidden, device=device, dtype=dtype)
+    products = (
+        lambda: torch.matmul(a, w, out=out),
+        lambda: torch.matmul(g, w.t(), out=out),
+        lambda: torch.matmul(g.t(), a, out=out_w),
+    )
+    seconds = 0.0
+    for product in products:
+        for _ in range(2):
+            product()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            began = time.perf_counter()
+            product()
+            _sync(device)
+            times.append(time.perf_counter() - began)
+        seconds += statistics.median(times)
+    return 3 * 2 * rows * hidden * hidden / seconds / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -410,43 +428,70 @@ def speed_table(args, batches: list[torch.Tensor]) -> None:
         time_steps(step, batches, 0, args.warmup)
     memory = {name: peak_step_memory_mib(step, batches[0], device) for name, step in steps.items()}
     names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    # glibc hands blocks above 32 MiB back to the OS when freed, so a CPU step page-faults its large
+    # activations anew; both allocator settings are timed, interleaved, each against the reference under it
+    allocators = ["system"]
+    if device.type == "cpu" and args.allocator == "both" and retain_freed_memory(False):
+        allocators.append("retained")
+    times: dict[tuple[str, str], list[float]] = {(n, a): [] for n in names for a in allocators}
     for r in range(args.repeats):
         shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            _sync(device)
-            times[name].append(time_steps(steps[name], batches, r, 1))
-            _sync(device)
-    med = {name: statistics.median(t) for name, t in times.items()}
+        for allocator in allocators[r % len(allocators) :] + allocators[: r % len(allocators)]:
+            if len(allocators) > 1:
+                retain_freed_memory(allocator == "retained")
+                time_steps(steps[names[shift]], batches, r, 1)  # the heap settles: untimed
+            for name in names[shift:] + names[:shift]:
+                _sync(device)
+                times[name, allocator].append(time_steps(steps[name], batches, r, 1))
+                _sync(device)
+    if len(allocators) > 1:
+        retain_freed_memory(False)
+    med = {key: statistics.median(t) for key, t in times.items()}
     rows = args.batch_size * pixels
     ceiling = {
-        p: bare_matmul_gflops(rows, hidden, dt, device, 5)
+        p: bare_matmul_gflops(rows, hidden, dt, device, 7)
         for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
         if p in precisions
     }
     flops = matmul_flops_per_image(hidden, layers, pixels) * args.batch_size
-    reference = med["raw fp32 reference"]
-    header = (
-        f"| {'configuration':34} | {'img/s':>7} | {'ms/step':>8} | {'x raw fp32':>10} | "
-        f"{'eff. GFLOP/s':>12} | {'% of ceiling':>12} | {'peak MiB':>8} |"
+    header = f"| {'configuration':34} |"
+    for allocator in allocators:
+        header += (
+            f" {allocator + ': img/s':>17} | {'ms/step':>8} | {'x raw fp32':>10} | "
+            f"{'eff. GFLOP/s':>12} | {'% of ceiling':>12} |"
+        )
+    header += f" {'peak MiB':>8} |"
+    print(
+        f"\n{device.type}: paper-size step (500x2, batch {args.batch_size}, 28x28), {args.repeats} timings"
+        + (", system allocator and memory retained (`retain_freed_memory`)" if len(allocators) > 1 else "")
     )
-    print(f"\n{device.type}: paper-size step (500x2, batch {args.batch_size}, 28x28), {args.repeats} timings")
     print(header)
     print(re.sub(r"[^|]", "-", header))
     for name in names:
         precision, full = meta[name]
-        gflops = flops / med[name] / 1e9 if full else float("nan")
-        share = 100 * gflops / ceiling[precision] if full else float("nan")
+        line = f"| {name:34} |"
+        for allocator in allocators:
+            seconds = med[name, allocator]
+            gflops = flops / seconds / 1e9 if full else float("nan")
+            share = 100 * gflops / ceiling[precision] if full else float("nan")
+            line += (
+                f" {args.batch_size / seconds:17.0f} | {1e3 * seconds:8.1f} | "
+                f"{med['raw fp32 reference', allocator] / seconds:10.2f} | {gflops:12.0f} | {share:12.0f} |"
+            )
         mem = memory[name]
+        print(line + f" {'n/a' if mem is None else f'{mem:8.0f}':>8} |")
+    if len(allocators) > 1:
         print(
-            f"| {name:34} | {args.batch_size / med[name]:7.0f} | {1e3 * med[name]:8.1f} | "
-            f"{reference / med[name]:10.2f} | {gflops:12.0f} | {share:12.0f} | "
-            f"{'n/a' if mem is None else f'{mem:8.0f}':>8} |"
+            "retained memory against the reference as the original code runs (system allocator): "
+            + ", ".join(
+                f"{name} {med['raw fp32 reference', 'system'] / med[name, 'retained']:.2f}x" for name in names
+            )
         )
     print(
-        "ceiling (bare matmul "
+        "ceiling (bare matmuls "
         + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in ceiling.items())
-        + f" at {rows} x {hidden} by {hidden} x {hidden}); eff. GFLOP/s = matmul FLOPs of the step "
+        + f": forward, input and weight gradient at {rows} x {hidden} by {hidden} x {hidden}); "
+        "eff. GFLOP/s = matmul FLOPs of the step "
         "(encoder + decoder, forward + backward) / step time, for full-pixel steps."
     )
 
@@ -482,6 +527,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--speed", action="store_true", help="only the precision/compile/subsample table")
     parser.add_argument("--device", default="cpu", help="device of the --speed table (cpu or cuda)")
+    parser.add_argument(
+        "--allocator",
+        choices=["both", "system"],
+        default="both",
+        help="--speed on the CPU: time every step with the C library's allocator and with freed memory "
+        "retained (pyro_svae.retain_freed_memory), interleaved (default: both)",
+    )
     parser.add_argument(
         "--variants",
         action="store_true",

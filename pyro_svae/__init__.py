@@ -6,7 +6,7 @@ transform of the coordinate grid, inferred by an amortized guide alongside the c
 
 from . import coords, data, likelihoods, metrics, priors
 from .guides import AmortizedGuide
-from .infer import History, evaluate, fit, posterior_means, recovery_metrics
+from .infer import History, evaluate, fit, posterior_means, recovery_metrics, retain_freed_memory
 from .model import SpatialVAE
 
 __version__ = "0.1.0"
@@ -24,4 +24,5 @@ __all__ = [
     "posterior_means",
     "priors",
     "recovery_metrics",
+    "retain_freed_memory",
 ]

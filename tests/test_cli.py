@@ -982,3 +982,27 @@ def test_particle_pose_search_sums_bins_in_the_model_and_exports_the_posterior(c
     code, stdout, err = run(capsys, "train", *other, *PARTICLE_TINY)
     assert code == 0, err
     assert "scored by the encoder" in stdout
+
+
+def test_train_keeps_freed_memory_while_it_trains_unless_told_not_to(capsys, digits, tmp_path, monkeypatch):
+    states: list[bool] = []  # the allocator's setting as fit sees it
+    switches: list[bool] = []
+    real_fit = train_command.fit
+
+    def switch(enabled: bool = True) -> bool:
+        switches.append(enabled)
+        return True
+
+    def recording_fit(*args, **kwargs):
+        states.append(bool(switches) and switches[-1])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(train_command, "retain_freed_memory", switch)
+    monkeypatch.setattr(train_command, "fit", recording_fit)
+    common = ["train", "--data", digits["images"], "--epochs", "1", *TINY]
+    code, _, err = run(capsys, *common, "--out", tmp_path / "kept")
+    assert code == 0, err
+    assert states == [True] and switches == [True, False]  # on while training, restored after
+    code, _, err = run(capsys, *common, "--out", tmp_path / "returned", "--return-freed-memory")
+    assert code == 0, err
+    assert states == [True, False] and switches == [True, False]

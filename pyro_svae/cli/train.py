@@ -26,7 +26,15 @@ from .. import distributed, runs
 from ..checkpoint import load_checkpoint
 from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
-from ..infer import PRECISIONS, History, fit, precision_context, resolve_device, resolve_precision
+from ..infer import (
+    PRECISIONS,
+    History,
+    fit,
+    precision_context,
+    resolve_device,
+    resolve_precision,
+    retain_freed_memory,
+)
 from ..likelihoods import LIKELIHOODS
 from ..model import SpatialVAE
 from ..pose_search import PoseSearchGuide
@@ -392,6 +400,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)"
     )
+    run.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="hand memory freed by each step back to the OS (the C library's default); without it the "
+        "process keeps it for the next step, which saves re-faulting large activations (Linux)",
+    )
 
 
 def _given(args: argparse.Namespace) -> list[str]:
@@ -659,6 +673,15 @@ def _check_data_options(
 
 def main(args: argparse.Namespace) -> int:
     """Train a new run, or continue one with ``--resume``; returns the exit status."""
+    if args.return_freed_memory or not retain_freed_memory():
+        return _main(args)
+    try:
+        return _main(args)
+    finally:  # the process may go on (tests, notebooks calling the CLI): back to the C library's rule
+        retain_freed_memory(False)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.distributed:  # join torchrun's process group first: rank 0 alone writes the run folder
         distributed.setup(resolve_device(_value(args, "device")), True)
     if args.resume is not None:
