@@ -209,6 +209,7 @@ def equivariance_correlation(
     angles: torch.Tensor,
     *,
     symmetry: int = 1,
+    method: str = "jammalamadaka",
 ) -> float:
     """How well inferred angles follow a known rotation of the images (no ground-truth pose needed).
 
@@ -216,10 +217,11 @@ def equivariance_correlation(
     :func:`pyro_svae.coords.transform_images` (bilinear, zero padding: content should lie inside the
     inscribed circle, on a background near 0); ``infer_theta`` maps images to angles ``(N,)`` and is
     called on the originals and on the turned images. Returns
-    ``circular_correlation(theta_turned - theta_original, alpha, symmetry=symmetry)``: 1 for an exactly
-    equivariant estimator (``theta`` follows the content), ~0 for one that ignores it. Draw ``alpha``
-    uniformly over the circle: the circular correlation measures co-variation about the mean angle, so
-    angles confined to a small arc give a small, noisy denominator. Use ``symmetry = 2`` for content that
+    ``circular_correlation(theta_turned - theta_original, alpha, symmetry=symmetry, method=method)``: 1
+    for an exactly equivariant estimator (``theta`` follows the content), ~0 for one that ignores it.
+    Draw ``alpha`` uniformly over the circle (and prefer ``method="fisher-lee"`` for such angles): the
+    circular correlation measures co-variation, so angles confined to a small arc give a small, noisy
+    denominator. Use ``symmetry = 2`` for content that
     looks the same after a half turn (an angle is then only defined modulo ``pi``).
     """
     angles = torch.as_tensor(angles, dtype=images.dtype, device=images.device)
@@ -231,4 +233,4 @@ def equivariance_correlation(
         turned = transform_images(images, angles)
         theta_original = torch.as_tensor(infer_theta(images)).reshape(-1)
         theta_turned = torch.as_tensor(infer_theta(turned)).reshape(-1)
-    return circular_correlation(theta_turned - theta_original, angles, symmetry=symmetry)
+    return circular_correlation(theta_turned - theta_original, angles, symmetry=symmetry, method=method)

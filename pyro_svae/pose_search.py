@@ -10,6 +10,9 @@ For a :class:`~pyro_svae.model.SpatialVAE` built with ``rotation_bins=K``:
   ``enumerate_bins=True``) the guide has no bin at all: it gives ``theta_offset ~ N(offset(x), scale(x))``
   and the model sums over the bins itself, so the pose is found by the decoder's likelihood at every bin
   rather than predicted by the encoder. ``guide.default_loss()`` returns the matching ELBO.
+* :func:`grid_search_theta` poses each image where the model's own posterior is highest on a fine grid
+  of angles, with its other latents held at given values (a guide's posterior means): the decoder's
+  answer to "which turn of my template is this?", for any guide.
 * :class:`RotationEquivariantEncoder` applies one CNN to K rotated copies of each image, so turning the
   image by one bin shifts its bin logits by one bin; content features are pooled over the copies (rotation
   invariant) and the position comes from a soft-argmax over the image (translation equivariant).
@@ -32,9 +35,9 @@ from torch import nn
 from .coords import bin_centres, pixel_grid, transform_images, wrap_angle
 from .encoders import MLPEncoder
 from .guides import NormalFamily, default_family
-from .model import SpatialVAE, images_plate, unique_name
+from .model import SpatialVAE, images_plate, images_to_pixels, unique_name
 
-__all__ = ["RotationEquivariantEncoder", "PoseSearchGuide", "MODE_PREFIXES"]
+__all__ = ["RotationEquivariantEncoder", "PoseSearchGuide", "MODE_PREFIXES", "grid_search_theta"]
 
 #: short names of the guide modes, as the benchmarks spell them (``"enum-equivariant"``)
 MODE_PREFIXES = {"enum": "enumerate", "sample": "sample", "marginal": "marginal"}
@@ -353,3 +356,47 @@ class PoseSearchGuide(PyroModule):
 
     def guide(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return self(*args, **kwargs)
+
+
+@torch.no_grad()
+def grid_search_theta(
+    model: SpatialVAE,
+    images: torch.Tensor,
+    latents: dict[str, torch.Tensor],
+    *,
+    angles: int = 72,
+    ctf=None,
+) -> torch.Tensor:
+    """The rotation at which ``model`` finds each image most probable, searched over ``angles`` evenly
+    spaced angles of the circle: ``argmax_theta log p(image | z, theta, dx, scale) + log p(theta)``
+    ``(B,)``, with the other latents fixed at ``latents`` (``z`` ``(B, z_dim)`` and, where the model has
+    them, ``dx`` ``(B, 2)`` and ``scale`` ``(B,)``; e.g. ``posterior_means(guide, data)``). ``images``
+    ``(B, C, H, W)``; ``ctf``: the images' CTF rows for a model with ``ctf=True``.
+
+    An encoder estimates the angle in one pass; this asks the decoder, one rendering per angle, so it
+    costs ``angles`` decoder passes per image, and its resolution is the grid step (5 degrees at 72).
+    """
+    if model.vanilla or not model.rotate:
+        raise ValueError("grid_search_theta needs a spatial model that infers rotation")
+    if angles < 2:
+        raise ValueError(f"angles must be >= 2, got {angles}")
+    if model.ctf and ctf is None:
+        raise ValueError("this model applies a CTF: pass the images' ctf rows")
+    needed = ["z"] + ["dx"] * model.translate + ["scale"] * model.scale
+    missing = [site for site in needed if site not in latents]
+    if missing:
+        raise ValueError(f"latents must hold {needed} for this model; {missing} missing")
+    device = model.grid.device
+    images = images.to(device)
+    obs = images_to_pixels(images)
+    z = latents["z"].to(device)
+    dx = latents["dx"].to(device) if model.translate else None
+    scale = latents["scale"].to(device) if model.scale else None
+    grid = bin_centres(angles, device=device, dtype=model.grid.dtype)
+    log_prior = model.theta_prior().log_prob(grid)
+    scores = []
+    for angle, prior in zip(grid, log_prior.expand(grid.shape), strict=True):
+        theta = angle.expand(images.shape[0])
+        params = model._observed(model.render(z, theta, dx, scale), ctf, model.psf_fwhm is not None)
+        scores.append(model.likelihood(params).log_prob(obs) + prior)
+    return grid[torch.stack(scores, -1).argmax(-1)]

@@ -113,6 +113,10 @@ def test_equivariance_correlation_of_a_principal_axis_estimator_and_of_noise():
     angles = (torch.rand(200, generator=torch.Generator().manual_seed(1)) * 2 - 1) * math.pi
     # the estimator is only defined modulo pi, so it is equivariant with symmetry 2
     assert M.equivariance_correlation(_principal_axis_angle, images, angles, symmetry=2) > 0.98
+    fisher_lee = M.equivariance_correlation(
+        _principal_axis_angle, images, angles, symmetry=2, method="fisher-lee"
+    )
+    assert fisher_lee > 0.95
     # and it does follow the counter-clockwise convention: a sign error gives a negative value
     assert M.equivariance_correlation(lambda x: -_principal_axis_angle(x), images, angles, symmetry=2) < -0.9
     generator = torch.Generator().manual_seed(2)

@@ -7,9 +7,9 @@ import torch
 from pyro import poutine
 
 from pyro_svae import SpatialVAE, evaluate, fit, posterior_means
-from pyro_svae.coords import bin_centres, pixel_grid, transform_images
+from pyro_svae.coords import bin_centres, pixel_grid, transform_images, wrap_angle
 from pyro_svae.data import preprocess_particles, simulate_particles
-from pyro_svae.pose_search import PoseSearchGuide, RotationEquivariantEncoder
+from pyro_svae.pose_search import PoseSearchGuide, RotationEquivariantEncoder, grid_search_theta
 from pyro_svae.runs import posterior_summaries
 
 UNIFORM = dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
@@ -230,3 +230,52 @@ def test_marginal_guide_trains_and_summarizes_particles_with_their_ctf():
     summary = posterior_summaries(guide, particles, draws=20)  # what the STAR export writes
     assert summary["theta_mean"].shape == (12,) and bool((summary["theta_std"] > 0).all())
     assert torch.allclose(summary["theta_mean"], means["theta"])
+
+
+@pytest.mark.parametrize("kind", ["plain", "translate+scale", "ctf"])
+def test_grid_search_finds_the_angle_each_image_was_rendered_at(kind):
+    pyro.set_rng_seed(0)
+    batch, angles = 10, 36
+    options = {"translate": kind != "plain", "scale": kind == "translate+scale"}
+    ctf = None
+    if kind == "ctf":
+        from conftest import make_ctf
+
+        options.update(likelihood="gaussian", ctf=True)
+        ctf = make_ctf(batch)
+    model = SpatialVAE((16, 16), 2, theta_prior=UNIFORM, hidden_dim=16, **options)
+    truth = bin_centres(angles)[torch.randperm(angles)[:batch]]  # on the grid: found exactly
+    latents = {"z": torch.randn(batch, 2)}
+    if model.translate:
+        latents["dx"] = 0.1 * torch.randn(batch, 2)
+    if model.scale:
+        latents["scale"] = torch.exp(0.1 * torch.randn(batch))
+    images = model.decode(theta=truth, ctf=ctf, **latents)
+    found = grid_search_theta(model, images, latents, angles=angles, ctf=ctf)
+    assert torch.allclose(found, truth)
+    # a coarser grid lands on the nearest angle it has (ties aside, within half its step)
+    coarse = grid_search_theta(model, images, latents, angles=12, ctf=ctf)
+    assert (wrap_angle(coarse - truth).abs() <= math.pi / 12 + 1e-6).float().mean() >= 0.8
+
+
+def test_grid_search_refuses_what_it_cannot_search():
+    images = torch.rand(2, 1, 16, 16)
+    latents = {"z": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match="infers rotation"):
+        grid_search_theta(SpatialVAE((16, 16), 2, vanilla=True), images, latents)
+    with pytest.raises(ValueError, match="angles"):
+        grid_search_theta(SpatialVAE((16, 16), 2), images, latents, angles=1)
+    with pytest.raises(ValueError, match=r"\['dx'\] missing"):
+        grid_search_theta(SpatialVAE((16, 16), 2), images, latents)
+    ctf_model = SpatialVAE((16, 16), 2, likelihood="gaussian", ctf=True)
+    with pytest.raises(ValueError, match="ctf rows"):
+        grid_search_theta(ctf_model, images, latents)
+
+
+def test_grid_search_follows_the_prior_where_the_images_say_nothing():
+    prior = dist.VonMises(torch.tensor(1.0), torch.tensor(4.0))
+    model = SpatialVAE((16, 16), 2, theta_prior=prior, translate=False, hidden_dim=16)
+    with torch.no_grad():
+        model.decoder.tail[-1].weight.zero_()  # every rendering the same: a flat likelihood in theta
+    found = grid_search_theta(model, torch.rand(3, 1, 16, 16), {"z": torch.randn(3, 2)}, angles=36)
+    assert torch.allclose(found, torch.full((3,), 6 * 2 * math.pi / 36))  # the grid angle nearest 1.0
