@@ -221,8 +221,8 @@ def equivariance_correlation(
     for an exactly equivariant estimator (``theta`` follows the content), ~0 for one that ignores it.
     Draw ``alpha`` uniformly over the circle (and prefer ``method="fisher-lee"`` for such angles): the
     circular correlation measures co-variation, so angles confined to a small arc give a small, noisy
-    denominator. Use ``symmetry = 2`` for content that
-    looks the same after a half turn (an angle is then only defined modulo ``pi``).
+    denominator. Use ``symmetry = 2`` for content that looks the same after a half turn (an angle is
+    then only defined modulo ``pi``).
     """
     angles = torch.as_tensor(angles, dtype=images.dtype, device=images.device)
     if angles.shape != images.shape[:1]:

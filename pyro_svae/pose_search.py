@@ -380,12 +380,19 @@ def grid_search_theta(
         raise ValueError("grid_search_theta needs a spatial model that infers rotation")
     if angles < 2:
         raise ValueError(f"angles must be >= 2, got {angles}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != tuple(model.image_shape):
+        raise ValueError(
+            f"expected images of shape (B, {', '.join(map(str, model.image_shape))}), "
+            f"got {tuple(images.shape)}"
+        )
     if model.ctf and ctf is None:
         raise ValueError("this model applies a CTF: pass the images' ctf rows")
     needed = ["z"] + ["dx"] * model.translate + ["scale"] * model.scale
     missing = [site for site in needed if site not in latents]
     if missing:
         raise ValueError(f"latents must hold {needed} for this model; {missing} missing")
+    if any(len(latents[site]) != len(images) for site in needed):
+        raise ValueError(f"latents must hold one row per image ({len(images)})")
     device = model.grid.device
     images = images.to(device)
     obs = images_to_pixels(images)
@@ -397,6 +404,7 @@ def grid_search_theta(
     scores = []
     for angle, prior in zip(grid, log_prior.expand(grid.shape), strict=True):
         theta = angle.expand(images.shape[0])
-        params = model._observed(model.render(z, theta, dx, scale), ctf, model.psf_fwhm is not None)
+        rendered = model.render(z, theta, dx, scale)
+        params = model._observed(rendered, ctf if model.ctf else None, model.psf_fwhm is not None)
         scores.append(model.likelihood(params).log_prob(obs) + prior)
     return grid[torch.stack(scores, -1).argmax(-1)]

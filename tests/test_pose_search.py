@@ -267,6 +267,10 @@ def test_grid_search_refuses_what_it_cannot_search():
         grid_search_theta(SpatialVAE((16, 16), 2), images, latents, angles=1)
     with pytest.raises(ValueError, match=r"\['dx'\] missing"):
         grid_search_theta(SpatialVAE((16, 16), 2), images, latents)
+    with pytest.raises(ValueError, match=r"shape \(B, 1, 16, 16\)"):
+        grid_search_theta(SpatialVAE((16, 16), 2, translate=False), images[0], latents)
+    with pytest.raises(ValueError, match="one row per image"):
+        grid_search_theta(SpatialVAE((16, 16), 2, translate=False), images, {"z": torch.zeros(3, 2)})
     ctf_model = SpatialVAE((16, 16), 2, likelihood="gaussian", ctf=True)
     with pytest.raises(ValueError, match="ctf rows"):
         grid_search_theta(ctf_model, images, latents)
