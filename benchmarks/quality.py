@@ -49,6 +49,11 @@ epochs), test ELBO / IW bound / theta circular correlation, seeds 0 to 4:
 * vanilla, ``--init-output-bias``, seed 0: -196.6 / -196.3 (PyTorch's initial weights: -213.9)
 * the original's math (``--models original``), ``--init-output-bias``, fp32: seed 0 -200.3, theta -0.05;
   seed 1 -202.9, theta 0.10
+* the original's math from PyTorch's initial weights (as the original code), fp32, seeds 0 to 9: -219.9 /
+  -0.52, -216.7 / 0.64, -225.7 / 0.65, -215.1 / 0.54, -216.5 / 0.59, -224.7 / -0.27, -220.9 / 0.67,
+  -214.7 / 0.36, -215.5 / 0.67, -216.6 / 0.48 (a negative theta correlation is a mirrored template);
+  spatial with ``--init-output-bias``, seeds 5 to 9: -200.5 / -198.3 / 0.48, -198.5 / -196.3 / 0.60,
+  -198.2 / -196.3 / 0.50, -199.8 / -197.7 / 0.15, -199.6 / -197.7 / 0.58
 * issue #2's reference (the original code): -214.2, theta 0.62; vanilla -213.9
 
     python benchmarks/quality.py --threads 1 --out /tmp/quality.json
