@@ -40,19 +40,21 @@ epoch 12 (0.70 at epoch 4; within 15 degrees 0.42, test ELBO -209.2). With the d
 the data mean (``SpatialVAE.init_output_bias``): 0.65 at epoch 2, then whole classes turn half-way round
 (0s, 5s and 6s to offsets 150-180 degrees from the rest: a 6 drawn as an upside-down 9) and 0.05 at epoch 12.
 
-What limits these figures is which way is "up", not the search. Two more measures (same run, seed 0,
-``--lr 5e-4``): *tracking* turns each upright test digit by its test angle and correlates the change of the
-estimate with the turn (no absolute frame in it); *grid search* (``grid_search_theta``) asks the decoder
-for its most probable angle on 72 angles, ``z`` at the guide's means. Fisher-Lee / within 15 degrees /
-tracking Fisher-Lee / tracking within 15 degrees: at epoch 4 the guide 0.686 / 0.404 / 0.741 / 0.495, the
-grid search 0.720 / 0.439 / 0.913 / 0.871; at epoch 12 the guide 0.552 / 0.393 / 0.747 / 0.529, the grid
-search 0.583 / 0.439 / **0.948 / 0.984**. So the model poses a turned digit consistently with the same
-digit upright (98 % within 15 degrees of the turn), but the poses it gives the upright digits themselves
-spread, per class, by circular standard deviations (the guide's, epoch 12) from 12 degrees (1s) to 61
-and 74 (9s, 7s: whole groups of them in another frame). The reference row shows how far "upright" is defined
-at all: an oracle that turns every digit's long axis (``principal_pose``) to its class's mean axis, using
-the true classes, scores 0.782 / 0.460, below the issue's 0.8. Content that is rotation invariant cannot
-tell a slanted 1 from a turned one, and under a uniform prior on theta nothing else can either.
+What limits these figures is which way is "up", not the search. Two more measures (same run, seed 0, ``--lr
+5e-4``): *tracking* turns each upright test digit by its test angle and correlates the change of the
+estimate with the turn (no absolute frame in it); *grid search* (``grid_search_theta``) asks the decoder for
+its most probable angle on 72 angles, ``z`` at the guide's means. Fisher-Lee / within 15 degrees / tracking
+Fisher-Lee / tracking within 15 degrees: at epoch 4 the guide 0.686 / 0.404 / 0.741 / 0.495, the grid search
+0.720 / 0.439 / 0.913 / 0.871; at epoch 12 the guide 0.552 / 0.393 / 0.747 / 0.529, the grid search 0.583 /
+0.439 / **0.948 / 0.984** (this script, ``--guides marginal-equivariant --lr 5e-4 --threads 1 --precision
+bf16``, the grid search under bf16: guide 0.552 / 0.393 / 0.747 / 0.529, grid search 0.588 / 0.437 / 0.948 /
+0.985, test ELBO -212.0, 40 s per epoch). So the model poses a turned digit consistently with the same digit
+upright (98 % within 15 degrees of the turn), but the poses it gives the upright digits themselves spread,
+per class, by circular standard deviations (the guide's, epoch 12) from 12 degrees (1s) to 61 and 74 (9s,
+7s: whole groups of them in another frame). The reference row shows how far "upright" is defined at all: an
+oracle that turns every digit's long axis (``principal_pose``) to its class's mean axis, using the true
+classes, scores 0.782 / 0.460, below the issue's 0.8. Content that is rotation invariant cannot tell a
+slanted 1 from a turned one, and under a uniform prior on theta nothing else can either.
 """
 
 from __future__ import annotations
