@@ -16,7 +16,7 @@ from torch import nn
 from .coords import bin_centres, pixel_grid
 from .ctf import CTFParams, apply_ctf, ctf_2d, gaussian_psf_2d
 from .decoders import SpatialDecoder, VanillaDecoder
-from .likelihoods import make_likelihood
+from .likelihoods import LearnedGaussianLikelihood, make_likelihood
 from .priors import (
     LearnableLogNormalScale,
     as_prior,
@@ -344,11 +344,13 @@ class SpatialVAE(PyroModule):
         every pixel has the mean of ``data`` (an :class:`ImageDataset` or images ``(N, H, W)`` /
         ``(N, C, H, W)``, normally the training set) and, for ``"gaussian_pixel"``, its standard
         deviation: one value per channel for the spatial decoder (its output bias is shared by all
-        pixels), one per pixel and channel for the vanilla decoder. Call it once on a new model, before
-        training. A decoder left to find the background by itself from a zero bias (the original code's
-        start) spends its first epochs there: on rotated MNIST at Adam 1e-4 the test ELBO plateaus for
-        ~15 epochs (see ``benchmarks/quality.py``). Not for ``ctf=True`` models, whose decoder output is
-        filtered by each image's CTF before it meets the data.
+        pixels), one per pixel and channel for the vanilla decoder. A ``"gaussian_learned"`` likelihood's
+        one sigma starts at the data's root-mean-square spread around that start, its maximum-likelihood
+        value there (rather than 1, far above the spread of images in [0, 1]). Call it once on a new
+        model, before training. A decoder left to find the background by itself from a zero bias (the
+        original code's start) spends its first epochs there: on rotated MNIST at Adam 1e-4 the test ELBO
+        plateaus for ~15 epochs (see ``benchmarks/quality.py``). Not for ``ctf=True`` models, whose
+        decoder output is filtered by each image's CTF before it meets the data.
         """
         from .infer import as_dataset
 
@@ -375,6 +377,10 @@ class SpatialVAE(PyroModule):
         output = self.decoder.tail[-1]
         bias = self.likelihood.params_for_moments(mean.float(), std.float())
         output.bias.copy_(bias.reshape(output.bias.shape).to(output.bias.device, output.bias.dtype))
+        if isinstance(self.likelihood, LearnedGaussianLikelihood):
+            sigma = self.likelihood.sigma
+            spread = std.square().mean().sqrt().clamp_min(1e-3)  # floor: constant data have no spread
+            self.likelihood.sigma = spread.to(sigma.device, sigma.dtype)  # sets the PyroParam in place
         return self
 
     def filter_ctf(self, params: torch.Tensor, ctf: CTFParams) -> torch.Tensor:

@@ -366,6 +366,22 @@ def test_init_output_bias_starts_the_spatial_decoder_at_each_channels_mean(likel
         assert torch.allclose(spread, images.std(dim=(0, 2, 3), unbiased=False).expand_as(spread), atol=1e-4)
 
 
+@pytest.mark.parametrize("vanilla", [False, True])
+def test_init_output_bias_starts_a_learned_sigma_at_the_datas_spread(vanilla):
+    torch.manual_seed(0)
+    images = torch.rand(40, 2, 5, 5) * torch.tensor([0.3, 0.9]).reshape(2, 1, 1)
+    model = SpatialVAE((2, 5, 5), z_dim=2, hidden_dim=8, likelihood="gaussian_learned", vanilla=vanilla)
+    assert model.likelihood.sigma.item() == pytest.approx(1.0)
+    model.init_output_bias(images)
+    around = images - (images.mean(0) if vanilla else images.mean(dim=(0, 2, 3)).reshape(2, 1, 1))
+    expected = around.square().mean().sqrt()  # the maximum-likelihood sigma of the starting image
+    assert model.likelihood.sigma.item() == pytest.approx(float(expected), rel=1e-4)
+    parameters = dict(model.named_parameters())  # still the module's learned parameter, now moved
+    assert parameters["likelihood.sigma_unconstrained"].exp().item() == pytest.approx(
+        float(expected), rel=1e-4
+    )
+
+
 def test_init_output_bias_starts_the_vanilla_decoder_at_the_mean_image():
     torch.manual_seed(0)
     images = torch.rand(30, 1, 5, 5) * torch.linspace(0.1, 0.9, 25).reshape(1, 1, 5, 5)
