@@ -37,7 +37,8 @@ from epoch 3 on (+105 to +133 degrees); what falls is the consistency within som
 resultant length of the errors of the 7s goes 0.83 -> 0.45, of the 9s 0.74 -> 0.61, while 1s, 5s and 8s
 stay at 0.87-0.93. With ``--z-dim 10``: 0.44 at epoch 12 (0.69 at epoch 3); with ``--bins 16``: 0.48 at
 epoch 12 (0.70 at epoch 4; within 15 degrees 0.42, test ELBO -209.2). With the decoder started at
-the data mean (``SpatialVAE.init_output_bias``): 0.65 at epoch 2, then whole classes turn half-way round
+the data mean (the output bias alone, as ``SpatialVAE.init_output_bias`` did before it also zeroed the
+last layer's weights): 0.65 at epoch 2, then whole classes turn half-way round
 (0s, 5s and 6s to offsets 150-180 degrees from the rest: a 6 drawn as an upside-down 9) and 0.05 at epoch 12.
 
 What limits these figures is which way is "up", not the search. Two more measures (same run, seed 0, ``--lr

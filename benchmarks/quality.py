@@ -36,24 +36,31 @@ Adam's learning rate (default 1e-4, the faithful setting); ``--lr-final`` decays
 epoch to that value (``pyro.optim.ExponentialLR``), a "better schedule" to be labelled as such.
 
 ``--init-output-bias`` starts every decoder (spatial, vanilla and the original's math) at the training
-images' mean (``SpatialVAE.init_output_bias``: logit of the mean pixel; per pixel for the vanilla VAE).
-From PyTorch's initial weights (the original code's start) the spatial decoder at Adam 1e-4 sits on a
-plateau near -310 nats for ~15 epochs before it takes off; started at the mean it takes off at epoch 3.
-Measured (``--configs rot-head --loss meanfield --precision bf16 --particles 16 --threads 1``, 40
-epochs), test ELBO / IW bound / theta circular correlation, seeds 0 to 4:
+images' mean (``SpatialVAE.init_output_bias``: the last layer's weights at zero, its bias at the logit of
+the mean pixel; per pixel for the vanilla VAE). From PyTorch's initial weights (the original code's
+start) the spatial decoder at Adam 1e-4 sits on a plateau near -310 nats for ~15 epochs before it takes
+off; started at the mean it takes off at epoch 3. Measured (``--configs rot-head --loss meanfield
+--precision bf16 --particles 16 --threads 1``, 40 epochs), test ELBO / IW bound / theta circular
+correlation:
 
-* spatial, PyTorch's initial weights: -218.4 / -216.3 / 0.55, -217.0 / -215.2 / 0.56, -225.1 / -224.4 /
-  0.17, -214.0 / -211.7 / 0.48, -226.7 / -225.7 / 0.60
-* spatial, ``--init-output-bias``: -197.5 / -195.4 / 0.63, -198.7 / -196.6 / 0.61, -200.5 / -198.4 / 0.64,
-  -201.1 / -199.4 / 0.13, -198.1 / -195.9 / 0.54 (``--loss trace``, seed 0: -197.7 / -195.4 / 0.63)
-* vanilla, ``--init-output-bias``, seed 0: -196.6 / -196.3 (PyTorch's initial weights: -213.9)
-* the original's math (``--models original``), ``--init-output-bias``, fp32: seed 0 -200.3, theta -0.05;
-  seed 1 -202.9, theta 0.10
+* spatial, PyTorch's initial weights, seeds 0 to 4: -218.4 / -216.3 / 0.55, -217.0 / -215.2 / 0.56,
+  -225.1 / -224.4 / 0.17, -214.0 / -211.7 / 0.48, -226.7 / -225.7 / 0.60
+* spatial, ``--init-output-bias``, seeds 0 to 9: -197.0 / -194.6 / 0.63, -196.8 / -194.7 / 0.60, -198.3 /
+  -196.1 / 0.54, -196.7 / -194.3 / 0.60, -196.1 / -193.9 / 0.56, -196.3 / -194.0 / 0.52, -198.2 / -196.0 /
+  0.62, -197.3 / -195.2 / 0.57, -197.2 / -195.2 / 0.26, -198.1 / -195.8 / 0.61 (medians -197.1 and 0.59)
+* the same with the output bias alone set (the last layer's random weights kept, as ``init_output_bias``
+  did before), seeds 0 to 9: -197.5 / -195.4 / 0.63, -198.7 / -196.6 / 0.61, -200.5 / -198.4 / 0.64,
+  -201.1 / -199.4 / 0.13, -198.1 / -195.9 / 0.54, -200.5 / -198.3 / 0.48, -198.5 / -196.3 / 0.60, -198.2 /
+  -196.3 / 0.50, -199.8 / -197.7 / 0.15, -199.6 / -197.7 / 0.58 (medians -199.2 and 0.56)
+* vanilla, ``--init-output-bias``, seed 0: -195.6 / -195.3 (bias alone: -196.6; PyTorch's initial
+  weights: -213.9)
+* the original's math (``--models original``), ``--init-output-bias``, fp32: seed 0 -202.0, theta
+  -0.48; seed 1 -200.8, theta -0.37 (0.64 and 0.65 at epoch 5, negative by epoch 9); with the bias alone:
+  seed 0 -200.3, theta -0.05; seed 1 -202.9, theta 0.10
 * the original's math from PyTorch's initial weights (as the original code), fp32, seeds 0 to 9: -219.9 /
   -0.52, -216.7 / 0.64, -225.7 / 0.65, -215.1 / 0.54, -216.5 / 0.59, -224.7 / -0.27, -220.9 / 0.67,
-  -214.7 / 0.36, -215.5 / 0.67, -216.6 / 0.48 (a negative theta correlation is a mirrored template);
-  spatial with ``--init-output-bias``, seeds 5 to 9: -200.5 / -198.3 / 0.48, -198.5 / -196.3 / 0.60,
-  -198.2 / -196.3 / 0.50, -199.8 / -197.7 / 0.15, -199.6 / -197.7 / 0.58
+  -214.7 / 0.36, -215.5 / 0.67, -216.6 / 0.48 (a negative theta correlation has theta turning against
+  the truth)
 * issue #2's reference (the original code): -214.2, theta 0.62; vanilla -213.9
 
     python benchmarks/quality.py --threads 1 --out /tmp/quality.json

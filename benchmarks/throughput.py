@@ -110,10 +110,11 @@ class RawVAE(nn.Module):
 
     @torch.no_grad()
     def init_output_bias(self, images: torch.Tensor) -> None:
-        """The decoder's output bias at the logit of the images' mean (per pixel for the vanilla VAE):
-        ``SpatialVAE.init_output_bias`` for this reference."""
+        """The decoder's last layer at zero weights and its output bias at the logit of the images' mean
+        (per pixel for the vanilla VAE): ``SpatialVAE.init_output_bias`` for this reference."""
         mean = images.reshape(images.shape[0], -1).mean(0)
         last = (self.decoder if self.vanilla else self.tail)[-1]
+        last.weight.zero_()
         last.bias.copy_(BernoulliLikelihood().params_for_moments(mean if self.vanilla else mean.mean(), None))
 
     def sample_noise(self, batch: int) -> list[torch.Tensor]:

@@ -340,7 +340,7 @@ class SpatialVAE(PyroModule):
     def init_output_bias(self, data) -> SpatialVAE:
         """Start the decoder at the data's mean image; returns the model.
 
-        Sets the decoder's output bias so that, with its last layer's weights at zero, the likelihood of
+        Zeroes the weights of the decoder's last layer and sets its output bias so that the likelihood of
         every pixel has the mean of ``data`` (an :class:`ImageDataset` or images ``(N, H, W)`` /
         ``(N, C, H, W)``, normally the training set) and, for ``"gaussian_pixel"``, its standard
         deviation: one value per channel for the spatial decoder (its output bias is shared by all
@@ -349,8 +349,9 @@ class SpatialVAE(PyroModule):
         value there (rather than 1, far above the spread of images in [0, 1]). Call it once on a new
         model, before training. A decoder left to find the background by itself from a zero bias (the
         original code's start) spends its first epochs there: on rotated MNIST at Adam 1e-4 the test ELBO
-        plateaus for ~15 epochs (see ``benchmarks/quality.py``). Not for ``ctf=True`` models, whose
-        decoder output is filtered by each image's CTF before it meets the data.
+        plateaus for ~15 epochs (see ``benchmarks/quality.py``). With the last layer's random weights
+        left in place, a smooth random ramp across the grid would add to that start. Not for ``ctf=True``
+        models, whose decoder output is filtered by each image's CTF before it meets the data.
         """
         from .infer import as_dataset
 
@@ -376,6 +377,7 @@ class SpatialVAE(PyroModule):
             mean, std = images_to_pixels(mean.unsqueeze(0))[0], images_to_pixels(std.unsqueeze(0))[0]
         output = self.decoder.tail[-1]
         bias = self.likelihood.params_for_moments(mean.float(), std.float())
+        output.weight.zero_()  # the hidden layers still learn: their gradient flows once these move
         output.bias.copy_(bias.reshape(output.bias.shape).to(output.bias.device, output.bias.dtype))
         if isinstance(self.likelihood, LearnedGaussianLikelihood):
             sigma = self.likelihood.sigma

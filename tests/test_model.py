@@ -346,9 +346,8 @@ def test_compiled_decoder_computes_the_same_images():
 
 
 def _initial_output(model: SpatialVAE) -> torch.Tensor:
-    """The decoder's output with its last layer's weights at zero: the output bias alone."""
+    """The decoder's output for z = 0 (the same for any z and pose once started at the mean)."""
     with torch.no_grad():
-        model.decoder.tail[-1].weight.zero_()
         return model.decoder(torch.zeros(model.z_dim)) if model.vanilla else model.render(torch.zeros(1, 2))
 
 
@@ -361,6 +360,9 @@ def test_init_output_bias_starts_the_spatial_decoder_at_each_channels_mean(likel
     mean = model.likelihood.mean(_initial_output(model))  # (1, P, C)
     expected = images.mean(dim=(0, 2, 3))
     assert torch.allclose(mean, expected.expand_as(mean), atol=1e-5)
+    with torch.no_grad():  # the same image whatever the content and pose: exactly the mean, no ramp
+        posed = model.likelihood.mean(model.render(torch.randn(3, 2), torch.randn(3), torch.randn(3, 2)))
+    assert torch.allclose(posed, expected.expand_as(posed), atol=1e-5)
     if likelihood == "gaussian_pixel":
         spread = model.likelihood(_initial_output(model)).stddev
         assert torch.allclose(spread, images.std(dim=(0, 2, 3), unbiased=False).expand_as(spread), atol=1e-4)
