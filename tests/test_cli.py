@@ -194,13 +194,17 @@ def test_train_on_builtin_data_with_ground_truth_reports_pose(capsys, tmp_path):
         *TINY,
     )
     assert code == 0, err
-    assert "theta corr" in stdout
+    assert "theta corr" in stdout and "(Fisher-Lee " in stdout  # the per-epoch line and the summary
+    assert "theta circular corr" in stdout and stdout.count("Fisher-Lee") >= 2
     assert (out / "figures" / "theta.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert {"theta_circ_corr", "theta_median_error_deg"} <= set(summary["test"])
     assert summary["num_train"] == 100 and summary["num_test"] == 40
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert "theta_circ_corr" in header
+    code, stdout, err = run(capsys, "evaluate", out, "-k", "2")  # its test split, with the truth
+    assert code == 0, err
+    assert "theta circular corr" in stdout and "(Fisher-Lee " in stdout
 
 
 def test_vanilla_and_pose_switches_shape_the_model(capsys, digits, tmp_path):

@@ -114,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
     )
     if "theta_circ_corr" in report:
         line += f", theta circular corr {report['theta_circ_corr']:.3f}"
+        line += f" (Fisher-Lee {report['theta_circ_corr_fisher_lee']:.3f})"
     print(line)
     print(f"results in {out}/")
     return 0

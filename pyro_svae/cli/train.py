@@ -590,7 +590,8 @@ def _epoch_line(epoch: int, epochs: int, records: dict[str, dict[str, Any]]) -> 
             f"test ELBO {test['elbo']:9.2f} (rec {test['reconstruction']:8.2f}, KL {test['kl']:6.2f})"
         )
         if "theta_circ_corr" in test:
-            parts.append(f"theta corr {test['theta_circ_corr']:.3f}")
+            fisher_lee = test["theta_circ_corr_fisher_lee"]
+            parts.append(f"theta corr {test['theta_circ_corr']:.3f} (Fisher-Lee {fisher_lee:.3f})")
         if "dx_corr_x" in test:
             parts.append(f"dx corr {test['dx_corr_x']:.2f}/{test['dx_corr_y']:.2f}")
         if "log_scale_corr" in test:
@@ -902,6 +903,7 @@ def _finish(
         f"{label} {report[key]:.3f}"
         for key, label in (
             ("theta_circ_corr", "theta circular corr"),
+            ("theta_circ_corr_fisher_lee", "theta circular corr (Fisher-Lee)"),
             ("theta_median_error_deg", "theta median error (deg)"),
             ("dx_corr_x", "dx corr x"),
             ("dx_corr_y", "dx corr y"),
