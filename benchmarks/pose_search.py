@@ -75,7 +75,7 @@ import torch
 
 import pyro_svae as ps
 from pyro_svae import metrics as M
-from pyro_svae.coords import principal_pose, transform_images, wrap_angle
+from pyro_svae.coords import principal_pose, wrap_angle
 from pyro_svae.infer import precision_context
 from pyro_svae.pose_search import MODE_PREFIXES, PoseSearchGuide, grid_search_theta
 
@@ -164,13 +164,12 @@ def rotation_tracking(
     infer_theta: Callable[[torch.Tensor], torch.Tensor], upright: ps.data.ImageDataset, theta: torch.Tensor
 ) -> dict[str, float]:
     """How an estimate follows a turn of each upright test digit by its test angle, with the angle it
-    gives the upright digit subtracted (as ``metrics.equivariance_correlation``; no "which way is up" in
-    it): Fisher-Lee circular correlation and fraction within 15 degrees."""
-    turned = transform_images(upright.images, theta)
-    relative = wrap_angle(infer_theta(turned) - infer_theta(upright.images))
+    gives the upright digit subtracted (``metrics.tracked_turns``; no "which way is up" in it):
+    Fisher-Lee circular correlation and fraction within 15 degrees."""
+    turns = M.tracked_turns(infer_theta, upright.images, theta)
     return {
-        "fisher_lee": M.circular_correlation(relative, theta, method="fisher-lee"),
-        "within_15deg": M.fraction_within(relative, theta, 15.0),
+        "fisher_lee": M.circular_correlation(turns, theta, method="fisher-lee"),
+        "within_15deg": M.fraction_within(turns, theta, 15.0),
     }
 
 
@@ -186,7 +185,7 @@ def searched_theta(model, guide, angles: int, precision: str) -> Callable[[torch
     def infer_theta(images: torch.Tensor) -> torch.Tensor:
         means = ps.posterior_means(guide, ps.data.ImageDataset(images))
         found = []
-        with precision_context(precision, torch.device("cpu")):
+        with precision_context(precision, model.grid.device):
             for index in torch.arange(len(images)).split(500):
                 latents = {site: value[index] for site, value in means.items()}
                 found.append(grid_search_theta(model, images[index], latents, angles=angles))

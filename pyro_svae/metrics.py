@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .coords import transform_images
+from .coords import transform_images, wrap_angle
 
 __all__ = [
     "CIRCULAR_CORRELATIONS",
@@ -25,6 +25,7 @@ __all__ = [
     "knn_regression_r2",
     "log_scale_correlation",
     "equivariance_correlation",
+    "tracked_turns",
 ]
 
 
@@ -203,26 +204,17 @@ def log_scale_correlation(estimate, truth) -> float:
     return pearson(np.log(estimate), np.log(truth))
 
 
-def equivariance_correlation(
-    infer_theta: Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
-    angles: torch.Tensor,
-    *,
-    symmetry: int = 1,
-    method: str = "jammalamadaka",
-) -> float:
-    """How well inferred angles follow a known rotation of the images (no ground-truth pose needed).
+def tracked_turns(
+    infer_theta: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, angles: torch.Tensor
+) -> torch.Tensor:
+    """How far inferred angles turn when the images are turned: ``(N,)``, wrapped to ``[-pi, pi)``.
 
     Each image ``(N, C, H, W)`` is turned counter-clockwise by its angle ``alpha`` ``(N,)`` with
     :func:`pyro_svae.coords.transform_images` (bilinear, zero padding: content should lie inside the
     inscribed circle, on a background near 0); ``infer_theta`` maps images to angles ``(N,)`` and is
-    called on the originals and on the turned images. Returns
-    ``circular_correlation(theta_turned - theta_original, alpha, symmetry=symmetry, method=method)``: 1
-    for an exactly equivariant estimator (``theta`` follows the content), ~0 for one that ignores it.
-    Draw ``alpha`` uniformly over the circle (and prefer ``method="fisher-lee"`` for such angles): the
-    circular correlation measures co-variation, so angles confined to a small arc give a small, noisy
-    denominator. Use ``symmetry = 2`` for content that looks the same after a half turn (an angle is
-    then only defined modulo ``pi``).
+    called on the originals and on the turned images. Returns ``theta_turned - theta_original``, which
+    an exactly equivariant estimator makes equal to ``alpha``; compare them with
+    :func:`circular_correlation` (as :func:`equivariance_correlation` does) or :func:`fraction_within`.
     """
     angles = torch.as_tensor(angles, dtype=images.dtype, device=images.device)
     if angles.shape != images.shape[:1]:
@@ -233,4 +225,25 @@ def equivariance_correlation(
         turned = transform_images(images, angles)
         theta_original = torch.as_tensor(infer_theta(images)).reshape(-1)
         theta_turned = torch.as_tensor(infer_theta(turned)).reshape(-1)
-    return circular_correlation(theta_turned - theta_original, angles, symmetry=symmetry, method=method)
+    return wrap_angle(theta_turned - theta_original.to(theta_turned.device))
+
+
+def equivariance_correlation(
+    infer_theta: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    angles: torch.Tensor,
+    *,
+    symmetry: int = 1,
+    method: str = "jammalamadaka",
+) -> float:
+    """How well inferred angles follow a known rotation of the images (no ground-truth pose needed).
+
+    ``circular_correlation(tracked_turns(infer_theta, images, angles), angles, symmetry=symmetry,
+    method=method)`` (see :func:`tracked_turns`): 1 for an exactly equivariant estimator (``theta``
+    follows the content), ~0 for one that ignores it. Draw the angles uniformly over the circle (and
+    prefer ``method="fisher-lee"`` for such angles): the circular correlation measures co-variation, so
+    angles confined to a small arc give a small, noisy denominator. Use ``symmetry = 2`` for content that
+    looks the same after a half turn (an angle is then only defined modulo ``pi``).
+    """
+    turns = tracked_turns(infer_theta, images, angles)
+    return circular_correlation(turns, angles, symmetry=symmetry, method=method)

@@ -176,3 +176,17 @@ def test_fisher_lee_is_steady_for_uniform_angles_where_the_centred_coefficient_s
     assert max(pairs) - min(pairs) < 0.05
     resultant = math.exp(-(0.6**2) / 2)  # E exp(i noise): Fisher-Lee ~ its square for uniform angles
     assert np.mean(pairs) == pytest.approx(resultant**2, abs=0.02)
+
+
+def test_tracked_turns_are_the_turns_for_an_equivariant_estimator():
+    import torch
+
+    images = _elongated_blobs(100, 33, seed=3)
+    angles = (torch.rand(100, generator=torch.Generator().manual_seed(4)) * 2 - 1) * math.pi
+    turns = M.tracked_turns(_principal_axis_angle, images, angles)
+    assert turns.shape == (100,) and bool((turns.abs() <= math.pi).all())
+    # the axis is defined modulo pi: within 5 degrees of each turn, modulo a half turn
+    assert M.fraction_within(turns, angles, 5.0, symmetry=2) > 0.9
+    assert M.fraction_within(-turns, angles, 5.0, symmetry=2) < 0.2  # a sign error would show
+    with pytest.raises(ValueError, match="one angle per image"):
+        M.tracked_turns(_principal_axis_angle, images, angles[:5])
