@@ -56,6 +56,8 @@ correlation:
   did before), seeds 0 to 9: -197.5 / -195.4 / 0.63, -198.7 / -196.6 / 0.61, -200.5 / -198.4 / 0.64,
   -201.1 / -199.4 / 0.13, -198.1 / -195.9 / 0.54, -200.5 / -198.3 / 0.48, -198.5 / -196.3 / 0.60, -198.2 /
   -196.3 / 0.50, -199.8 / -197.7 / 0.15, -199.6 / -197.7 / 0.58 (medians -199.2 and 0.56)
+* ``--configs rot-strat --models spatial vanilla``, ``--init-output-bias``, seed 0: spatial -205.1 / -203.1 /
+  0.56 (5-NN 0.287, clustering 0.258), vanilla -196.3 / -195.8 (5-NN 0.220, clustering 0.220)
 * vanilla, ``--init-output-bias``, seed 0: -195.6 / -195.3 (bias alone: -196.6; PyTorch's initial
   weights: -213.9)
 * the original's math (``--models original``), ``--init-output-bias``, fp32: seed 0 -202.0, theta
