@@ -61,6 +61,7 @@ slanted 1 from a turned one, and under a uniform prior on theta nothing else can
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -76,8 +77,7 @@ import torch
 import pyro_svae as ps
 from pyro_svae import metrics as M
 from pyro_svae.coords import principal_pose, wrap_angle
-from pyro_svae.infer import precision_context
-from pyro_svae.pose_search import MODE_PREFIXES, PoseSearchGuide, grid_search_theta
+from pyro_svae.pose_search import MODE_PREFIXES, PoseSearchGuide, search_theta
 
 GUIDES = ("mlp", "mlp-moments", "enum-mlp", "enum-equivariant", "marginal-equivariant", "sample-equivariant")
 
@@ -178,22 +178,6 @@ def guide_theta(guide) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda images: ps.posterior_means(guide, ps.data.ImageDataset(images))["theta"]
 
 
-def searched_theta(model, guide, angles: int, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Images -> the model's most probable angle on a grid (``grid_search_theta``), the other latents at
-    the guide's posterior means."""
-
-    def infer_theta(images: torch.Tensor) -> torch.Tensor:
-        means = ps.posterior_means(guide, ps.data.ImageDataset(images))
-        found = []
-        with precision_context(precision, model.grid.device):
-            for index in torch.arange(len(images)).split(500):
-                latents = {site: value[index] for site, value in means.items()}
-                found.append(grid_search_theta(model, images[index], latents, angles=angles))
-        return torch.cat(found)
-
-    return infer_theta
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--guides", nargs="+", default=list(GUIDES), choices=GUIDES)
@@ -254,7 +238,9 @@ def main() -> None:
         report = ps.evaluate(model, guide, test, num_particles=args.particles, seed=args.seed)
         means = ps.posterior_means(guide, test)
         tracking = rotation_tracking(guide_theta(guide), upright, test.theta)
-        search = searched_theta(model, guide, args.grid_angles, args.precision)
+        search = functools.partial(
+            search_theta, model, guide, angles=args.grid_angles, precision=args.precision
+        )
         searched = search(test.images)
         search_tracking = rotation_tracking(search, upright, test.theta)
         row = {

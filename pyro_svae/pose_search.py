@@ -37,7 +37,13 @@ from .encoders import MLPEncoder
 from .guides import NormalFamily, default_family
 from .model import SpatialVAE, images_plate, images_to_pixels, unique_name
 
-__all__ = ["RotationEquivariantEncoder", "PoseSearchGuide", "MODE_PREFIXES", "grid_search_theta"]
+__all__ = [
+    "RotationEquivariantEncoder",
+    "PoseSearchGuide",
+    "MODE_PREFIXES",
+    "grid_search_theta",
+    "search_theta",
+]
 
 #: short names of the guide modes, as the benchmarks spell them (``"enum-equivariant"``)
 MODE_PREFIXES = {"enum": "enumerate", "sample": "sample", "marginal": "marginal"}
@@ -408,3 +414,33 @@ def grid_search_theta(
         params = model._observed(rendered, ctf if model.ctf else None, model.psf_fwhm is not None)
         scores.append(model.likelihood(params).log_prob(obs) + prior)
     return grid[torch.stack(scores, -1).argmax(-1)]
+
+
+@torch.no_grad()
+def search_theta(
+    model: SpatialVAE,
+    guide,
+    data,
+    *,
+    angles: int = 72,
+    batch_size: int = 500,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """:func:`grid_search_theta` over a whole data set, the other latents at ``guide``'s posterior means:
+    the model's most probable angle for each image ``(N,)``, on the CPU. ``data``: an
+    :class:`~pyro_svae.data.ImageDataset` (with its CTF rows for a model with ``ctf=True``) or images
+    ``(N, C, H, W)``; ``batch_size`` images are rendered at every angle at a time; ``precision`` as in
+    :func:`pyro_svae.fit` (the decoder under autocast)."""
+    from .infer import as_dataset, model_inputs, posterior_means, precision_context, resolve_precision
+
+    data = as_dataset(data, model.image_shape)
+    device = model.grid.device
+    precision = resolve_precision(precision, device)
+    latents = posterior_means(guide, data, batch_size=batch_size)
+    found = []
+    with precision_context(precision, device):
+        for index in torch.arange(len(data)).split(batch_size):
+            rows = {site: value[index] for site, value in latents.items()}
+            ctf = model_inputs(model, data, index, device).get("ctf")
+            found.append(grid_search_theta(model, data.images[index], rows, angles=angles, ctf=ctf).cpu())
+    return torch.cat(found)

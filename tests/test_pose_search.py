@@ -6,10 +6,10 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_svae import SpatialVAE, evaluate, fit, posterior_means
+from pyro_svae import AmortizedGuide, SpatialVAE, evaluate, fit, posterior_means
 from pyro_svae.coords import bin_centres, pixel_grid, transform_images, wrap_angle
-from pyro_svae.data import preprocess_particles, simulate_particles
-from pyro_svae.pose_search import PoseSearchGuide, RotationEquivariantEncoder, grid_search_theta
+from pyro_svae.data import ImageDataset, preprocess_particles, simulate_particles
+from pyro_svae.pose_search import PoseSearchGuide, RotationEquivariantEncoder, grid_search_theta, search_theta
 from pyro_svae.runs import posterior_summaries
 
 UNIFORM = dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
@@ -256,6 +256,32 @@ def test_grid_search_finds_the_angle_each_image_was_rendered_at(kind):
     # a coarser grid lands on the nearest angle it has (ties aside, within half its step)
     coarse = grid_search_theta(model, images, latents, angles=12, ctf=ctf)
     assert (wrap_angle(coarse - truth).abs() <= math.pi / 12 + 1e-6).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("kind", ["plain", "ctf"])
+def test_search_theta_runs_the_grid_search_over_a_data_set_at_the_guide_means(kind):
+    pyro.set_rng_seed(0)
+    ctf = None
+    options = {}
+    if kind == "ctf":
+        from conftest import make_ctf
+
+        options.update(likelihood="gaussian", ctf=True)
+        ctf = make_ctf(10)
+    model = SpatialVAE((16, 16), 2, hidden_dim=16, **options)
+    guide = AmortizedGuide(model, hidden_dim=16)
+    data = ImageDataset(torch.rand(10, 1, 16, 16), ctf=ctf)
+    latents = posterior_means(guide, data)
+    expected = grid_search_theta(model, data.images, latents, angles=24, ctf=ctf)
+    found = search_theta(model, guide, data, angles=24, batch_size=4)  # three chunks, CTF rows sliced
+    assert torch.equal(found, expected)
+    if kind == "plain":  # bare images are accepted too; the model's image shape is checked
+        assert torch.equal(search_theta(model, guide, data.images, angles=24), expected)
+        with pytest.raises(ValueError, match=r"expects images of shape \(1, 16, 16\)"):
+            search_theta(model, guide, torch.rand(3, 1, 8, 8))
+    else:
+        with pytest.raises(ValueError, match="CTF"):
+            search_theta(model, guide, data.images)
 
 
 def test_grid_search_refuses_what_it_cannot_search():
