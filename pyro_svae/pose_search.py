@@ -35,6 +35,7 @@ from torch import nn
 from .coords import bin_centres, pixel_grid, transform_images, wrap_angle
 from .encoders import MLPEncoder
 from .guides import NormalFamily, default_family
+from .infer import as_dataset, model_inputs, posterior_means, precision_context, resolve_precision
 from .model import SpatialVAE, images_plate, images_to_pixels, unique_name
 
 __all__ = [
@@ -431,8 +432,6 @@ def search_theta(
     :class:`~pyro_svae.data.ImageDataset` (with its CTF rows for a model with ``ctf=True``) or images
     ``(N, C, H, W)``; ``batch_size`` images are rendered at every angle at a time; ``precision`` as in
     :func:`pyro_svae.fit` (the decoder under autocast)."""
-    from .infer import as_dataset, model_inputs, posterior_means, precision_context, resolve_precision
-
     data = as_dataset(data, model.image_shape)
     device = model.grid.device
     precision = resolve_precision(precision, device)
