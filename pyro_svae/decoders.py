@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .runtime import onednn_bf16_supported
+
 __all__ = ["ACTIVATIONS", "make_activation", "mlp_tail", "SpatialDecoder", "VanillaDecoder"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
@@ -94,12 +96,15 @@ class _LinearTanh(torch.autograd.Function):
         return grad @ weight, rows.t() @ x.reshape(-1, x.shape[-1]), rows.sum(0)
 
 
-def _fusable_tanh(hidden: torch.Tensor, activation: str, num_linears: int) -> bool:
+def _fusable_tanh(device: torch.device, dtype: torch.dtype, activation: str, num_linears: int) -> bool:
+    """Whether the hidden layers can run as oneDNN linear+tanh primitives: on the CPU, in float32, or in
+    bf16 where oneDNN builds bf16 primitives (not on AVX2-only CPUs)."""
+    supported = dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_supported())
     return (
         activation == "tanh"
         and num_linears > 2
-        and hidden.device.type == "cpu"
-        and hidden.dtype in (torch.float32, torch.bfloat16)
+        and device.type == "cpu"
+        and supported
         and torch.backends.mkldnn.is_available()
         and _linear_tanh_op is not None
     )
@@ -135,9 +140,9 @@ def _spatial_forward(
     # add the offset in the product's dtype: a float32 offset would promote the (..., P, H) activations
     # back to float32 under autocast (a full-size copy and a float32 tanh)
     hidden = hidden + offset.unsqueeze(-2).to(hidden.dtype)
-    if fuse_tanh and _fusable_tanh(hidden, activation, len(linears)):
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+    if fuse_tanh and _fusable_tanh(hidden.device, dtype, activation, len(linears)):
         out = act(hidden)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else out.dtype
         for weight, bias in linears[1:-1]:
             out = _LinearTanh.apply(out.to(dtype), weight.to(dtype), bias.to(dtype))
         weight, bias = linears[-1]

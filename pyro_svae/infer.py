@@ -8,6 +8,7 @@ import ctypes.util
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,11 @@ from .checkpoint import (
     set_rng_state,
 )
 from .data.datasets import DataError, ImageDataset
+from .runtime import cpu_has_native_bf16
 
 __all__ = [
     "PRECISIONS",
+    "EmulatedPrecisionWarning",
     "precision_context",
     "resolve_precision",
     "History",
@@ -54,13 +57,26 @@ __all__ = [
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else the CPU; anything else as ``torch.device``."""
+    """``"auto"`` -> CUDA when available, else the CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as
+    ``torch.device``. Any other device type (``"mps"``, ``"xla"``, a typo) is a ``ValueError``."""
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
-    return device
+    expected = "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}: {expected}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported (only CPUs and CUDA GPUs): {expected}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but torch sees no CUDA device")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(device)!r} was asked for but torch sees "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return parsed
 
 
 # glibc's mallopt parameters and their defaults (malloc.h)
@@ -104,13 +120,8 @@ def retain_freed_memory(enabled: bool = True) -> bool:
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+class EmulatedPrecisionWarning(UserWarning):
+    """bf16 asked for on a CPU that multiplies bf16 only by emulation (slower than fp32)."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -120,7 +131,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and _cpu_has_native_bf16() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -135,6 +146,13 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
         return contextlib.nullcontext()
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision 'fp16' needs a CUDA device; on the CPU use 'bf16'")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(
+            "precision 'bf16' on a CPU without native bf16 (AVX512-BF16 or AMX): its matrix products are "
+            "emulated and slower than fp32; use precision 'fp32' (or 'auto') here",
+            EmulatedPrecisionWarning,
+            stacklevel=1,  # one location, so Python shows it once per process, not once per caller
+        )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 

@@ -1,8 +1,11 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
+from pyro_svae import decoders
 from pyro_svae.coords import pixel_grid
 from pyro_svae.decoders import SpatialDecoder, _spatial_forward
+from pyro_svae.runtime import onednn_bf16_supported
 
 
 def _outputs_and_grads(decoder: SpatialDecoder, fuse: bool, autocast: bool):
@@ -45,3 +48,23 @@ def test_compiled_decoder_trains_with_the_same_gradients():
         grads.append([p.grad for p in decoder.parameters()])
     for got, expected in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_fused_bf16_path_is_taken_only_where_onednn_builds_bf16_primitives(monkeypatch):
+    cpu = torch.device("cpu")
+    assert decoders._fusable_tanh(cpu, torch.float32, "tanh", 3)
+    assert decoders._fusable_tanh(cpu, torch.bfloat16, "tanh", 3) == onednn_bf16_supported()
+    # a CPU without oneDNN bf16 (an AVX2-only machine): bf16 runs the plain layers, fp32 stays fused
+    monkeypatch.setattr(decoders, "onednn_bf16_supported", lambda: False)
+    calls = []
+
+    def recording(x, weight, bias):
+        calls.append(x.dtype)
+        return torch.tanh(F.linear(x, weight, bias))
+
+    monkeypatch.setattr(decoders, "_linear_tanh_op", recording)
+    decoder = SpatialDecoder(2, 1, hidden_dim=16, num_layers=3)
+    _outputs_and_grads(decoder, True, autocast=True)
+    assert calls == []
+    _outputs_and_grads(decoder, True, autocast=False)
+    assert calls == [torch.float32, torch.float32]

@@ -2,6 +2,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pyro
@@ -249,9 +250,9 @@ def test_auto_precision_resolves_from_the_hardware(monkeypatch):
     from pyro_svae import infer
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(infer, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: True)
     assert infer.resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(infer, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: False)
     assert infer.resolve_precision("auto", cpu) == "fp32"
     assert infer.resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(ValueError, match="precision"):
@@ -310,3 +311,26 @@ def test_retained_memory_serves_large_blocks_without_page_faults():
     assert faults["default"] > 0  # every reallocation is mapped and faulted in anew
     assert faults["retained"] < faults["default"] / 10, faults
     assert retain_freed_memory(False)  # and back to the C library's rule
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_emulated(monkeypatch):
+    from pyro_svae import infer
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(infer.EmulatedPrecisionWarning, match="emulated"):
+        infer.precision_context("bf16", cpu)
+    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        infer.precision_context("bf16", cpu)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("tpu", "unknown device"), ("mps", "not supported"), ("meta", "not supported"), ("cuda:x", "unknown")],
+)
+def test_devices_other_than_cpu_and_cuda_are_refused(device, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_device(device)
+    assert resolve_device("cpu") == torch.device("cpu")
