@@ -114,13 +114,27 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a readable pyro_svae checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # corrupt or foreign file: torch raises many kinds
-        raise CheckpointError(f"{path}: not a readable pyro_svae checkpoint ({error})") from None
+        raise CheckpointError(
+            f"{path}: not a readable pyro_svae checkpoint ({_load_failure(error)})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a pyro_svae checkpoint (format version mismatch)")
     return payload
+
+
+def _load_failure(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line, without torch's advice to retry with
+    ``weights_only=False`` (which would run whatever code the file carries)."""
+    text = str(error).strip()
+    if text.startswith("Weights only load failed"):
+        return "it holds pickled Python objects; only tensors and plain data are ever loaded"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if "weights_only" not in first else type(error).__name__
 
 
 def load_module_state(module: torch.nn.Module, state: dict, what: str) -> None:

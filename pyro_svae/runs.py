@@ -502,16 +502,26 @@ def _load_particles(spec: Mapping[str, Any]) -> ImageDataset:
     )
 
 
+# the final evaluation summarizes the test set (correlations, the latent scatter): one image is too few
+MIN_TEST_IMAGES = 2
+
+
 def _split_count(n: int, test_size: float | None) -> int:
     if test_size is None:
-        count = max(1, round(0.1 * n))
+        count = max(MIN_TEST_IMAGES, round(0.1 * n))
     elif test_size < 1:
         count = max(1, round(test_size * n))
     else:
         count = int(test_size)
-    if n < 2:
+    if n <= MIN_TEST_IMAGES:
         raise DataError(
-            f"found {n} image: need at least 2 to hold some out for testing (or pass --test-data)"
+            f"found {n} image{'s' * (n != 1)}: need at least {MIN_TEST_IMAGES + 1} to hold "
+            f"{MIN_TEST_IMAGES} out for testing and train on the rest (or pass --test-data)"
+        )
+    if count < MIN_TEST_IMAGES:
+        raise DataError(
+            f"--test-size {test_size} holds out {count} image of {n}: the evaluation needs at least "
+            f"{MIN_TEST_IMAGES} test images"
         )
     if count >= n:
         raise DataError(f"--test-size {test_size} leaves no training images out of {n}")
@@ -549,6 +559,12 @@ def load_data(spec: Mapping[str, Any]) -> tuple[ImageDataset, ImageDataset]:
             order = np.random.default_rng(seed).permutation(len(full))
             train, test = full.subset(np.sort(order[count:])), full.subset(np.sort(order[:count]))
             train.name, test.name = f"{full.name}/train", f"{full.name}/test"
+    if len(test) < MIN_TEST_IMAGES:
+        option = "--test-data" if spec.get("test_file") else "--test-size"
+        raise DataError(
+            f"{option}: the test set holds {len(test)} image(s); the evaluation needs at least "
+            f"{MIN_TEST_IMAGES}"
+        )
     train_size = spec.get("train_size")
     if train_size is not None and train_size < len(train):
         name = train.name
@@ -657,13 +673,28 @@ def check_checkpoint_config(state: Mapping[str, Any], config: Mapping[str, Any],
     raise CheckpointError(f"{where} does not match the run's config.json ({'; '.join(differences[:3])})")
 
 
+def read_config(folder: RunFolder) -> dict[str, Any]:
+    """A run's ``config.json``, refused with :class:`RunError` when its ``config_version`` is missing
+    or newer than this version of pyro_svae reads."""
+    config = read_json(folder.config)
+    version = config.get("config_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RunError(f"{folder.config}: not a pyro_svae run config (config_version is {version!r})")
+    if version > CONFIG_VERSION:
+        raise RunError(
+            f"{folder.config} was written by a newer pyro_svae (config version {version}; this one "
+            f"reads up to {CONFIG_VERSION}): upgrade pyro_svae to read it"
+        )
+    return config
+
+
 def load_trained(
     root: str | os.PathLike, *, device: torch.device | str = "cpu"
 ) -> tuple[RunFolder, dict[str, Any], SpatialVAE, AmortizedGuide, dict[str, Any]]:
     """Rebuild a saved run: ``(folder, config, model, guide, checkpoint_state)``, modules on ``device``
     in eval mode. Raises :class:`RunError`/:class:`CheckpointError` with the reason when they cannot."""
     folder = open_run_folder(root)
-    config = read_json(folder.config)
+    config = read_config(folder)
     if not folder.checkpoint.is_file():
         raise RunError(f"{folder.root} has no checkpoint.pt (did training finish an epoch?)")
     state = load_checkpoint(folder.checkpoint, map_location=device)

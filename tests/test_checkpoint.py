@@ -64,3 +64,14 @@ def test_rng_state_round_trip(tmp_path):
 def test_mismatched_module_state_names_the_difference():
     with pytest.raises(CheckpointError, match="does not match the model"):
         load_module_state(torch.nn.Linear(3, 4), torch.nn.Linear(3, 5).state_dict(), "model")
+
+
+def test_empty_and_pickled_checkpoints_say_why_without_torchs_unsafe_advice(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty file"):
+        load_checkpoint(tmp_path / "empty.pt")
+    torch.save({"format_version": 1, "evil": print}, tmp_path / "code.pt")
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(tmp_path / "code.pt")
+    assert "pickled Python objects" in str(refused.value)
+    assert "weights_only" not in str(refused.value) and len(str(refused.value).splitlines()) == 1

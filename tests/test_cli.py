@@ -429,15 +429,38 @@ BAD_DATA = {
         ["[0, 1]", "--likelihood gaussian"],
     ),
     "unknown built-in name": (lambda tmp: "rotated_mnsit", ["neither a built-in data set"]),
+    "zero-byte .npy": (
+        lambda tmp: write_npy_header(tmp / "zero.npy", None, b""),
+        ["zero.npy", "empty file"],
+    ),
+    ".npy header claiming 1 TiB": (
+        lambda tmp: write_npy_header(tmp / "huge.npy", (2**28, 32, 32), b"\0" * 400),
+        ["huge.npy", "1,099,511,627,776 bytes", "truncated or corrupt"],
+    ),
+    "one test image": (
+        lambda tmp: [write(tmp / "five.npy", np.full((5, 14, 14), 0.5, np.float32)), "--test-size", "1"],
+        ["--test-size 1", "at least 2 test images"],
+    ),
 }
+
+
+def write_npy_header(path: Path, shape: tuple[int, ...] | None, payload: bytes) -> Path:
+    """A file with an ``.npy`` header announcing ``shape`` (float32; none when ``None``), then ``payload``."""
+    with open(path, "wb") as handle:
+        if shape is not None:
+            header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(handle, header)
+        handle.write(payload)
+    return path
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_data_gives_one_line_and_exit_2(capsys, tmp_path, case):
     make, fragments = BAD_DATA[case]
-    data = make(tmp_path)
+    made = make(tmp_path)
+    data, *options = made if isinstance(made, list) else [made]
     out = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--data", data, "--epochs", "1", "--out", out, *TINY)
+    code, _, err = run(capsys, "train", "--data", data, *options, "--epochs", "1", "--out", out, *TINY)
     assert_clean_error(code, err, *fragments)
     assert not out.exists(), "a failed start must not leave a run folder behind"
 
@@ -1010,3 +1033,22 @@ def test_train_keeps_freed_memory_while_it_trains_unless_told_not_to(capsys, dig
     code, _, err = run(capsys, *common, "--out", tmp_path / "returned", "--return-freed-memory")
     assert code == 0, err
     assert states == [True, False] and switches == [True, False]
+
+
+@pytest.mark.parametrize("device", ["tpu", "mps", "cuda:x"])
+def test_devices_torch_cannot_use_here_are_refused_at_the_option(capsys, tmp_path, device):
+    code, _, err = run(capsys, "train", "-d", device, "--epochs", "1", "--out", tmp_path / "run")
+    assert code == 2 and "Traceback" not in err
+    assert "argument -d/--device" in err and repr(device) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_on_one_line(capsys, digits, tmp_path, monkeypatch):
+    from pyro_svae import infer
+
+    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: False)
+    flags = ["--data", digits["images"], "--precision", "bf16", "--epochs", "1", "--out", tmp_path / "run"]
+    code, _, err = run(capsys, "train", *flags, *TINY)
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "emulated" in line]
+    assert warning == [warning[0]] and warning[0].startswith("pyro-svae train: warning: precision 'bf16'")

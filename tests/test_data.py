@@ -13,6 +13,7 @@ from pyro_svae.data import (
     load_images,
     load_npy,
     posed_mnist,
+    read_npy,
     rotated_mnist,
     rotated_translated_mnist,
 )
@@ -167,3 +168,21 @@ def test_builtin_names_build_train_and_test_splits():
     train, test = BUILTIN["uniform_rotated_translated_mnist"](test_size=100)
     assert float(train.theta.abs().max()) > 3.0 and float(train.dx.abs().max()) > 0
     assert set(BUILTIN) >= {"rotated_mnist", "rotated_translated_mnist", "uniform_rotated_mnist"}
+
+
+def test_npy_files_are_checked_against_their_header_before_reading(tmp_path):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(DataError, match="empty file"):
+        load_npy(tmp_path / "empty.npy")
+    with open(tmp_path / "huge.npy", "wb") as handle:  # a header claiming 1 TiB, then 400 bytes
+        np.lib.format.write_array_header_1_0(
+            handle, {"descr": "<f4", "fortran_order": False, "shape": (2**28, 32, 32)}
+        )
+        handle.write(bytes(400))
+    with pytest.raises(DataError, match=r"1,099,511,627,776 bytes .* holds 400: truncated"):
+        load_npy(tmp_path / "huge.npy")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(DataError, match="Python objects"):
+        load_npy(tmp_path / "objects.npy")
+    np.save(tmp_path / "ok.npy", np.zeros((3, 4, 4), np.float32))
+    assert read_npy(tmp_path / "ok.npy", mmap=True).shape == (3, 4, 4)

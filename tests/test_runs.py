@@ -140,7 +140,10 @@ def test_builtin_data_spec_passes_its_split_through():
 @pytest.mark.parametrize(
     ("count", "kwargs", "message"),
     [
-        (1, {}, "need at least 2"),
+        (1, {}, "need at least 3"),
+        (2, {}, "need at least 3"),
+        (5, {"test_size": 1}, "needs at least 2 test images"),
+        (20, {"test_size": 0.05}, "needs at least 2 test images"),
         (5, {"test_size": 5}, "leaves no training images"),
     ],
 )

@@ -8,6 +8,8 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
+from ..infer import resolve_device
+
 __all__ = [
     "EXIT_USAGE",
     "EXIT_INTERRUPTED",
@@ -48,10 +50,20 @@ non_negative_int = _number_type(int, lambda value: value >= 0, "an integer >= 0"
 positive_float = _number_type(float, lambda value: 0 < value < float("inf"), "a positive finite number")
 
 
+def _device(text: str) -> str:
+    """An argparse ``type=`` that refuses devices torch cannot use here; keeps the text (``auto`` stays)."""
+    try:
+        resolve_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def add_device_arg(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
     parser.add_argument(
         "-d",
         "--device",
+        type=_device,
         default=default,
         metavar="DEVICE",
         help="'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', 'cuda' or 'cuda:N' (default: auto)",

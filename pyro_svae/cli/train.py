@@ -749,7 +749,7 @@ def _resume(args: argparse.Namespace) -> int:
             "fixes its settings (only --epochs, --device and --precision may change)"
         )
     folder = runs.open_run_folder(args.resume)
-    config = runs.read_json(folder.config)
+    config = runs.read_config(folder)
     if not folder.checkpoint.is_file():
         raise runs.RunError(
             f"{folder.root} has no checkpoint.pt to resume from (no epoch finished); start it again "

@@ -4,7 +4,7 @@ import numpy as np
 
 from .datasets import DataError, ImageDataset, as_image_tensor
 from .galaxies import hubble_deep_field, simulated_galaxies
-from .loaders import load_idx, load_image_folder, load_images, load_npy, read_idx
+from .loaders import load_idx, load_image_folder, load_images, load_npy, read_idx, read_npy
 from .mnist import mnist_digits, posed_mnist, rotated_mnist, rotated_translated_mnist
 from .particles import (
     circular_mask,
@@ -69,6 +69,7 @@ __all__ = [
     "load_idx",
     "load_images",
     "load_npy",
+    "read_npy",
     "read_idx",
     "mnist_digits",
     "posed_mnist",

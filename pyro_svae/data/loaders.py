@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from .datasets import DataError, ImageDataset
 
-__all__ = ["read_idx", "load_idx", "load_npy", "load_images", "load_image_folder"]
+__all__ = ["read_npy", "read_idx", "load_idx", "load_npy", "load_images", "load_image_folder"]
 
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtypes.
 _IDX_DTYPES = {
@@ -30,6 +31,41 @@ def _check_file(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise DataError(f"{path}: is not a file")
     return path
+
+
+def read_npy(path: str | os.PathLike, *, mmap: bool = False) -> np.ndarray:
+    """An ``.npy`` array, memory-mapped read-only with ``mmap``; its header checked against the file first.
+
+    Raises :class:`DataError` for an empty file, a header numpy cannot read, an object array (never
+    unpickled), or a header whose shape and dtype need more bytes than the file holds (truncated or
+    corrupt: without the check a header claiming a terabyte asks for that much memory).
+    """
+    path = _check_file(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), not a .npy array")
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+            offset = handle.tell()
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path}: not a readable .npy array ({error})") from None
+    if dtype.hasobject:
+        raise DataError(f"{path}: holds Python objects (dtype {dtype}), not numbers; refusing to unpickle it")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != size - offset:
+        raise DataError(
+            f"{path}: the .npy header announces shape {tuple(shape)} of {dtype} ({expected:,} bytes of data) "
+            f"but the file holds {size - offset:,}: truncated or corrupt"
+        )
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path}: not a readable .npy array ({error})") from None
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -75,18 +111,9 @@ def load_npy(
 ) -> ImageDataset:
     """An ``.npy`` image array ``(N, H, W)``, ``(N, C, H, W)`` or ``(N, H, W, C)`` (the original
     spatial-VAE data sets' format); optional labels from another ``.npy`` file."""
-    path = _check_file(path)
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise DataError(f"{path}: not a readable .npy array ({error})") from None
-    label_array = None
-    if labels is not None:
-        try:
-            label_array = np.load(_check_file(labels), allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise DataError(f"{labels}: not a readable .npy array ({error})") from None
-    return ImageDataset(array, labels=label_array, name=name or path.name)
+    array = read_npy(path)
+    label_array = None if labels is None else read_npy(labels)
+    return ImageDataset(array, labels=label_array, name=name or Path(path).name)
 
 
 def load_images(path: str | os.PathLike, labels: str | os.PathLike | None = None) -> ImageDataset:
@@ -137,10 +164,7 @@ def _read_raster(path: Path) -> np.ndarray:
 
 def _read_folder_npy(path: Path) -> np.ndarray:
     """An ``.npy`` file as images ``(N, C, H, W)``: one image or a stack (see :func:`load_image_folder`)."""
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path}: not a readable .npy array ({error})") from None
+    array = read_npy(path)
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise DataError(f"{path}: expected a numeric array, found dtype {array.dtype}")
     scale = 255.0 if array.dtype == np.uint8 else 1.0

@@ -50,7 +50,7 @@ import torch
 
 from ..ctf import CTFParams
 from .datasets import DataError, ImageDataset
-from .loaders import _check_file
+from .loaders import _check_file, read_npy
 
 __all__ = [
     "relion_to_pose",
@@ -209,10 +209,7 @@ def read_stack(path: str | os.PathLike, *, mmap: bool = True) -> np.ndarray:
     if suffix in (".mrcs", ".mrc"):
         data = _read_mrc(path, mmap)
     elif suffix == ".npy":
-        try:
-            data = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise DataError(f"{path}: not a readable .npy array ({error})") from None
+        data = read_npy(path, mmap=mmap)
     else:
         raise DataError(f"{path}: unknown stack format {suffix!r} (expected .mrcs, .mrc or .npy)")
     return _as_stack(data, path)
