@@ -217,6 +217,11 @@ def test_load_trained_restores_the_fitted_networks(tmp_path, posed):
         found = loaded_guide.posterior_means(test.images)
     for site in expected:
         assert torch.allclose(expected[site], found[site])
+    for version, message in [(runs.CONFIG_VERSION + 1, "newer pyro_svae"), (None, "not a pyro_svae run")]:
+        runs.write_json(folder.config, {**config, "config_version": version})
+        with pytest.raises(runs.RunError, match=message):
+            runs.load_trained(folder.root)
+    runs.write_json(folder.config, config)
     folder.checkpoint.unlink()
     with pytest.raises(runs.RunError, match="no checkpoint.pt"):
         runs.load_trained(folder.root)
