@@ -360,6 +360,17 @@ def _blob(box, centre, sigma):
     return np.exp(-((cols - centre[0]) ** 2 + (rows - centre[1]) ** 2) / (2 * sigma**2)).astype(np.float32)
 
 
+def test_relion_angles_are_wrapped_to_half_open_turns():
+    psi = np.array([0.0, 90.0, 180.0, 270.0, -180.0, 540.0, 359.0])
+    theta, _ = relion_to_pose(psi, np.zeros(7), np.zeros(7), BOX)
+    assert float(theta.min()) >= -np.float32(math.pi) and float(theta.max()) < math.pi
+    np.testing.assert_allclose(theta.numpy(), np.deg2rad([0, 90, -180, -90, -180, -180, -1]), atol=1e-6)
+    theta = torch.tensor([3 * math.pi, -math.pi, 2.5 * math.pi, 7.0], dtype=torch.float64)
+    back, _, _ = pose_to_relion(theta, torch.zeros(4, 2), BOX)
+    assert back.min() >= -180.0 and back.max() < 180.0
+    np.testing.assert_allclose(back, [-180.0, -180.0, 90.0, np.rad2deg(7.0 - 2 * math.pi)], atol=1e-9)
+
+
 def test_circular_mask_values():
     hard = circular_mask(8)
     assert hard.shape == (8, 8) and hard.dtype == torch.float32

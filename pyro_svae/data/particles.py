@@ -48,6 +48,7 @@ import pandas as pd
 import starfile
 import torch
 
+from ..coords import wrap_angle
 from ..ctf import CTFParams
 from .datasets import DataError, ImageDataset
 from .loaders import _check_file
@@ -104,7 +105,8 @@ def _rotate_points(points: np.ndarray, theta: np.ndarray) -> np.ndarray:
 def relion_to_pose(
     psi_degrees, origin_x_pixels, origin_y_pixels, box_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RELION in-plane pose -> pyro_svae's ``theta`` ``(N,)`` radians and ``dx`` ``(N, 2)`` grid units."""
+    """RELION in-plane pose -> pyro_svae's ``theta`` ``(N,)`` radians in ``[-pi, pi)`` and ``dx`` ``(N, 2)``
+    grid units."""
     if box_size < 2:
         raise ValueError(f"box_size must be >= 2, got {box_size}")
     psi = np.deg2rad(np.asarray(psi_degrees, dtype=np.float64).reshape(-1))
@@ -119,19 +121,20 @@ def relion_to_pose(
     shift = np.stack([-origin[:, 0], origin[:, 1]], axis=-1) * unit
     centre = _relion_centre(box_size)
     dx = shift + centre - _rotate_points(np.broadcast_to(centre, shift.shape), psi)
-    theta = np.angle(np.exp(1j * psi))  # wrapped to (-pi, pi]
-    return torch.as_tensor(theta, dtype=torch.float32), torch.as_tensor(dx, dtype=torch.float32)
+    theta = wrap_angle(torch.from_numpy(psi))
+    return theta.to(torch.float32), torch.as_tensor(dx, dtype=torch.float32)
 
 
 def pose_to_relion(theta, dx, box_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of :func:`relion_to_pose`: ``(psi_degrees, origin_x_pixels, origin_y_pixels)``, each (N,)."""
+    """Inverse of :func:`relion_to_pose`: ``(psi_degrees, origin_x_pixels, origin_y_pixels)``, each (N,),
+    ``psi`` in ``[-180, 180)``."""
     theta = np.asarray(torch.as_tensor(theta).detach().cpu(), dtype=np.float64).reshape(-1)
     dx = np.asarray(torch.as_tensor(dx).detach().cpu(), dtype=np.float64).reshape(-1, 2)
     centre = _relion_centre(box_size)
     shift = dx - centre + _rotate_points(np.broadcast_to(centre, dx.shape), theta)
     unit = _grid_units_per_pixel(box_size)
     origin_x, origin_y = -shift[:, 0] / unit, shift[:, 1] / unit
-    psi = np.rad2deg(theta) % 360.0
+    psi = wrap_angle(torch.from_numpy(np.rad2deg(theta)), period=360.0).numpy()
     return psi, origin_x, origin_y
 
 
