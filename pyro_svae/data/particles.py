@@ -804,7 +804,7 @@ def preprocess_particles(
 
 # ------------------------------------------------------------------------------------------ export
 
-_POSTERIOR_PREFIXES = ("pyroSvaeZ", "pyroSvaePsiStd", "pyroSvaeOrigin")
+_POSTERIOR_PREFIXES = ("pyroSvaeZ", "pyroSvaePsi", "pyroSvaeOrigin")
 
 
 def _rows(value, n: int, name: str, width: int | None) -> np.ndarray | None:
@@ -840,6 +840,7 @@ def write_posterior_star(
     *,
     theta_mean=None,
     theta_std=None,
+    theta_resultant=None,
     dx_mean=None,
     dx_std=None,
     z_mean=None,
@@ -852,7 +853,9 @@ def write_posterior_star(
     ``source_index``, in the input order; otherwise a minimal table with ``pyroSvaeIndex`` and, for a stack,
     ``rlnImageName``). ``theta_mean`` ``(N,)`` radians and ``dx_mean`` ``(N, 2)`` grid units become
     ``rlnAnglePsi`` and ``rlnOriginXAngst``/``YAngst`` (the inputs' own pose columns are kept as
-    ``pyroSvaeInput<name>``), ``theta_std`` ``pyroSvaePsiStdDeg``, ``dx_std`` ``(N, 2)`` or ``(N,)``
+    ``pyroSvaeInput<name>``), ``theta_std`` (radians, a circular standard deviation) ``pyroSvaePsiStdDeg``
+    capped at 180 (spread over the whole circle), ``theta_resultant`` (the mean resultant length, in
+    ``[0, 1]``) ``pyroSvaePsiResultant``, ``dx_std`` ``(N, 2)`` or ``(N,)``
     ``pyroSvaeOriginXStdAngst``/``YStdAngst`` or ``pyroSvaeOriginStdAngst``, ``z_mean``/``z_std``
     ``(N, k)`` ``pyroSvaeZ1..k``/``pyroSvaeZStd1..k``. The optics table of a RELION 3.1 input is kept;
     the file is replaced atomically. Arrays are in the data set's order.
@@ -861,6 +864,7 @@ def write_posterior_star(
     n, box = len(dataset), dataset.images.shape[-1]
     theta_mean = _rows(theta_mean, n, "theta_mean", None)
     theta_std = _rows(theta_std, n, "theta_std", None)
+    theta_resultant = _rows(theta_resultant, n, "theta_resultant", None)
     dx_mean = _rows(dx_mean, n, "dx_mean", 2)
     if dx_std is not None and np.ndim(dx_std) == 1:
         dx_std = _rows(dx_std, n, "dx_std", None)
@@ -913,7 +917,9 @@ def write_posterior_star(
             table["rlnOriginXAngst"] = origin_x * pixel
             table["rlnOriginYAngst"] = origin_y * pixel
     if theta_std is not None:
-        table["pyroSvaePsiStdDeg"] = np.rad2deg(theta_std[order])
+        table["pyroSvaePsiStdDeg"] = np.minimum(np.rad2deg(theta_std[order]), 180.0)
+    if theta_resultant is not None:
+        table["pyroSvaePsiResultant"] = np.clip(theta_resultant[order], 0.0, 1.0)
     if dx_std is not None:
         scale = angstrom_per_pixel() / _grid_units_per_pixel(box)
         if dx_std.ndim == 1:
