@@ -1045,8 +1045,9 @@ def write_particles_star(
     """Write every particle of ``data`` (loaded by :func:`load_particles`, in the input order) with its
     posterior summaries (:func:`posterior_summaries`) as a RELION STAR file (see
     :func:`pyro_svae.data.write_posterior_star`: ``rlnAnglePsi``/``rlnOriginX/YAngst`` from the posterior
-    means, ``pyroSvaePsiStdDeg`` (circular), ``pyroSvaePsiResultant``, ``pyroSvaeOriginX/YStdAngst``,
-    ``pyroSvaeZ<k>``, ``pyroSvaeZStd<k>``).
+    means, or ``pyroSvaePsiDeg``/``pyroSvaeOriginX/YAngst`` for an input with 3-D poses, whose pose columns
+    stay as they are (:func:`pyro_svae.data.posterior_pose_note`), ``pyroSvaePsiStdDeg`` (circular),
+    ``pyroSvaePsiResultant``, ``pyroSvaeOriginX/YStdAngst``, ``pyroSvaeZ<k>``, ``pyroSvaeZStd<k>``).
     ``rlnImageName`` paths are rewritten relative to the new file's folder, so it finds the input stacks.
     """
     summary = posterior_summaries(guide, data, draws=draws, batch_size=batch_size)
