@@ -186,6 +186,9 @@ def bin_centres(
     return wrap_angle(angles)
 
 
-def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
-    """Angles wrapped into ``[-pi, pi)``."""
-    return torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
+def wrap_angle(theta: torch.Tensor, *, period: float = 2 * math.pi) -> torch.Tensor:
+    """Angles wrapped into ``[-period / 2, period / 2)``, same shape: ``((theta + pi) mod 2 pi) - pi`` for
+    radians, ``period=360.0`` for degrees."""
+    half = period / 2
+    wrapped = torch.remainder(theta + half, period) - half
+    return torch.where(wrapped >= half, wrapped - period, wrapped)  # a remainder rounded up to the period

@@ -63,7 +63,7 @@ from torch import nn
 from torch.distributions import biject_to
 from torch.distributions.transforms import AffineTransform, Transform
 
-from .coords import principal_pose, transform_images
+from .coords import principal_pose, transform_images, wrap_angle
 from .encoders import MLPEncoder
 from .model import SpatialVAE, images_plate, unique_name
 from .priors import is_circular
@@ -92,10 +92,6 @@ _TWO_PI = 2 * math.pi
 
 #: ways an :class:`AmortizedGuide` can pose each image before reading it (``canonicalize=``)
 CANONICALIZATIONS = (None, "moments")
-
-
-def _wrap(theta: torch.Tensor) -> torch.Tensor:
-    return torch.remainder(theta + math.pi, _TWO_PI) - math.pi
 
 
 class RotateVector(Transform):
@@ -168,12 +164,12 @@ class WrappedNormal(dist.TorchDistribution):
     def rsample(self, sample_shape=()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return _wrap(self.loc + self.scale * eps)
+        return wrap_angle(self.loc + self.scale * eps)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        d = _wrap(value - self.loc)
+        d = wrap_angle(value - self.loc)
         d, scale = torch.broadcast_tensors(d, self.scale)
         # windings: exact for scale <= pi (the 4th winding lies > 5 std away)
         k = torch.arange(-3, 4, dtype=d.dtype, device=d.device)
@@ -188,7 +184,7 @@ class WrappedNormal(dist.TorchDistribution):
     @property
     def mean(self) -> torch.Tensor:
         """The circular mean direction, in ``[-pi, pi)``."""
-        return _wrap(self.loc)
+        return wrap_angle(self.loc)
 
     @property
     def variance(self) -> torch.Tensor:
@@ -507,7 +503,7 @@ class WrappedNormalFamily(SiteFamily):
         return WrappedNormal(*self._loc_scale(raw))
 
     def mean(self, raw: torch.Tensor) -> torch.Tensor:
-        return _wrap(self._loc_scale(raw)[0])
+        return wrap_angle(self._loc_scale(raw)[0])
 
 
 FAMILIES: dict[str, type[SiteFamily]] = {
@@ -739,7 +735,7 @@ class AmortizedGuide(PyroModule):
         means = {site: self.families[site].mean(raw[site]) for site in self.site_shapes}
         if pose is not None:
             alpha, shift = pose
-            means["theta"] = _wrap(means["theta"] - alpha)
+            means["theta"] = wrap_angle(means["theta"] - alpha)
             if "dx" in means:
                 means["dx"] = RotateVector(-alpha)(means["dx"] - shift)
         return means

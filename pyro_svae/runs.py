@@ -42,6 +42,7 @@ import torch
 
 from . import metrics as M
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_module_state
+from .coords import wrap_angle
 from .data import (
     BUILTIN,
     DataError,
@@ -53,7 +54,7 @@ from .data import (
     write_posterior_star,
 )
 from .data.loaders import _FOLDER_SUFFIXES, _suffix
-from .guides import AmortizedGuide
+from .guides import AmortizedGuide, ProjectedNormalAngle, WrappedNormal
 from .infer import evaluate, guide_inputs, posterior_means, recovery_metrics
 from .model import SpatialVAE
 from .pose_search import PoseSearchGuide
@@ -86,6 +87,7 @@ __all__ = [
     "final_report",
     "write_figures",
     "posterior_summaries",
+    "circular_std",
     "write_particles_star",
     "write_traversal",
     "environment",
@@ -733,10 +735,13 @@ def posterior_inference_data(
     samples: Mapping[str, np.ndarray], data: ImageDataset, *, attrs: Mapping[str, Any] | None = None
 ):
     """An ArviZ ``InferenceData``: group ``posterior`` with ``z`` ``(chain, draw, image, z_dim)``,
-    ``theta`` ``(chain, draw, image)`` and ``dx`` ``(chain, draw, image, xy)``; group ``constant_data``
-    with the known truth (``theta_true``, ``dx_true``, ``label``) of the images."""
+    ``theta`` ``(chain, draw, image)`` (radians, wrapped to ``[-pi, pi)``) and ``dx``
+    ``(chain, draw, image, xy)``; group ``constant_data`` with the known truth (``theta_true``,
+    ``dx_true``, ``label``) of the images."""
     az = _arviz()
     posterior = {site: np.asarray(values)[None] for site, values in samples.items()}
+    if "theta" in posterior:
+        posterior["theta"] = wrap_angle(torch.from_numpy(posterior["theta"])).numpy()
     dims: dict[str, list[str]] = {
         "z": ["image", "z_dim"],
         "theta": ["image"],
@@ -763,7 +768,7 @@ def posterior_inference_data(
         dims["label"] = ["image"]
     info = {
         "data": data.name,
-        "theta_units": "radians, counter-clockwise",
+        "theta_units": "radians, counter-clockwise, in [-pi, pi)",
         "dx_units": "grid units (the image spans [-1, 1])",
         **(attrs or {}),
     }
@@ -922,26 +927,71 @@ def _analytic_std(q: torch.distributions.Distribution) -> torch.Tensor | None:
     return q.stddev if isinstance(base, normal) else None
 
 
+def _circular_moment(q: torch.distributions.Distribution) -> torch.Tensor | None:
+    """``E[exp(i theta)]`` (complex, batch shape) of an angle's distribution where it has a closed form:
+    (wrapped) Normal ``exp(i loc - scale^2 / 2)``, von Mises ``exp(i loc) I1(k) / I0(k)``, the angle of a
+    projected normal, mixtures of these and these turned by fixed angles; None otherwise."""
+    dists = torch.distributions
+    while isinstance(q, dists.Independent):
+        q = q.base_dist
+    if isinstance(q, dists.TransformedDistribution):
+        moment = _circular_moment(q.base_dist)
+        for transform in q.transforms:
+            turn = isinstance(transform, dists.AffineTransform) and transform.event_dim == 0
+            if moment is None or not (turn and bool(torch.all(torch.as_tensor(transform.scale) == 1))):
+                return None
+            loc = torch.as_tensor(transform.loc, dtype=moment.real.dtype, device=moment.device)
+            moment = moment * torch.polar(torch.ones_like(loc), loc)
+        return moment
+    if isinstance(q, dists.Normal | WrappedNormal):
+        return torch.polar(torch.exp(-0.5 * q.scale**2), q.loc)
+    if isinstance(q, dists.VonMises):
+        k = q.concentration
+        return torch.polar(torch.special.i1e(k) / torch.special.i0e(k), q.loc)
+    if isinstance(q, ProjectedNormalAngle):  # unit-covariance normal vector of mean c, |c| = rho
+        c = q.concentration
+        rho = c.norm(dim=-1)
+        half = rho**2 / 4
+        length = math.sqrt(math.pi / 8) * rho * (torch.special.i0e(half) + torch.special.i1e(half))
+        return torch.polar(length, torch.atan2(c[..., 1], c[..., 0]))
+    if isinstance(q, dists.MixtureSameFamily):
+        moment = _circular_moment(q.component_distribution)
+        return None if moment is None else (q.mixture_distribution.probs * moment).sum(-1)
+    return None
+
+
+def circular_std(resultant: torch.Tensor) -> torch.Tensor:
+    """Circular standard deviation ``sqrt(-2 ln R)`` (radians, same shape) of mean resultant lengths ``R``,
+    capped at ``pi``: ``pi`` means spread over the whole circle (``R < exp(-pi^2 / 2) ~ 0.007`` cannot be
+    told from a uniform angle)."""
+    return torch.sqrt(-2.0 * torch.log(resultant)).clamp(max=math.pi)
+
+
 @torch.no_grad()
 def posterior_summaries(
     guide, data: ImageDataset, *, draws: int = 100, batch_size: int = 500
 ) -> dict[str, torch.Tensor]:
     """Per-image posterior means and standard deviations, on the CPU: ``<site>_mean`` and ``<site>_std``
     for each of the guide's sites ``z`` ``(N, z_dim)``, ``theta`` ``(N,)`` (radians), ``dx`` ``(N, 2)``
-    (grid units) and ``scale`` ``(N,)``.
+    (grid units) and ``scale`` ``(N,)``; with ``theta``, also ``theta_resultant`` ``(N,)``.
 
     The guide runs in ``eval()`` mode (no training-time augmentation). Means are its point estimates
-    (:meth:`posterior_means`; for a pose-search guide ``theta`` is the angle of the most probable bin).
-    Standard deviations are analytic where ``q`` is a normal distribution (``theta``: the Normal's scale);
-    otherwise (circular families, mixtures over rotation bins, families constrained to a bounded prior)
-    they are estimated from ``draws`` samples per image: for ``theta`` the circular standard deviation
-    ``sqrt(-2 ln R)`` (``R`` the mean resultant length), else the sample standard deviation. Uses the
-    global torch RNG (seed it first for reproducible estimates).
+    (:meth:`posterior_means`; for a pose-search guide ``theta`` is the angle of the most probable bin),
+    ``theta_mean`` wrapped to ``[-pi, pi)``. ``theta`` is summarized as an angle: ``theta_resultant`` is
+    the mean resultant length ``R = |E exp(i theta)|`` in ``[0, 1]`` and ``theta_std`` the circular
+    standard deviation :func:`circular_std` (at most ``pi``); ``R`` is analytic for (wrapped) Normal, von
+    Mises, projected normal families and mixtures of them, else estimated from ``draws`` samples per
+    image. Other sites' standard deviations are analytic for normal families, else the sample standard
+    deviation of ``draws`` samples. Uses the global torch RNG (seed it first for reproducible estimates).
     """
     if draws < 2:
         raise ValueError(f"estimating standard deviations needs at least 2 draws, got {draws}")
     device = next(guide.parameters()).device
     out: dict[str, list[torch.Tensor]] = {}
+
+    def keep(key: str, value: torch.Tensor) -> None:
+        out.setdefault(key, []).append(value.float().cpu())
+
     was_training = guide.training
     guide.eval()
     try:
@@ -953,16 +1003,21 @@ def posterior_summaries(
             for site in ("z", "theta", "dx", "scale"):
                 if site not in q:
                     continue
+                if site == "theta":
+                    moment = _circular_moment(q[site])
+                    if moment is None:
+                        samples = q[site].sample((draws,)).float()
+                        moment = torch.polar(torch.ones_like(samples), samples).mean(0)
+                    resultant = moment.abs().clamp(max=1.0)
+                    keep("theta_mean", wrap_angle(means[site]))
+                    keep("theta_std", circular_std(resultant))
+                    keep("theta_resultant", resultant)
+                    continue
                 std = _analytic_std(q[site])
                 if std is None:
-                    samples = q[site].sample((draws,)).float()
-                    if site == "theta":
-                        resultant = torch.complex(torch.cos(samples), torch.sin(samples)).mean(0).abs()
-                        std = torch.sqrt(-2.0 * torch.log(resultant.clamp(1e-12, 1.0)))
-                    else:
-                        std = samples.std(0)
-                out.setdefault(f"{site}_mean", []).append(means[site].float().cpu())
-                out.setdefault(f"{site}_std", []).append(std.float().cpu())
+                    std = q[site].sample((draws,)).float().std(0)
+                keep(f"{site}_mean", means[site])
+                keep(f"{site}_std", std)
     finally:
         guide.train(was_training)
     return {key: torch.cat(values) for key, values in out.items()}
@@ -1021,7 +1076,9 @@ def write_particles_star(
     """Write every particle of ``data`` (loaded by :func:`load_particles`, in the input order) with its
     posterior summaries (:func:`posterior_summaries`) as a RELION STAR file (see
     :func:`pyro_svae.data.write_posterior_star`: ``rlnAnglePsi``/``rlnOriginX/YAngst`` from the posterior
-    means, ``pyroSvaePsiStdDeg``, ``pyroSvaeOriginX/YStdAngst``, ``pyroSvaeZ<k>``, ``pyroSvaeZStd<k>``).
+    means, or ``pyroSvaePsiDeg``/``pyroSvaeOriginX/YAngst`` for an input with 3-D poses, whose pose columns
+    stay as they are (:func:`pyro_svae.data.posterior_pose_note`), ``pyroSvaePsiStdDeg`` (circular),
+    ``pyroSvaePsiResultant``, ``pyroSvaeOriginX/YStdAngst``, ``pyroSvaeZ<k>``, ``pyroSvaeZStd<k>``).
     ``rlnImageName`` paths are rewritten relative to the new file's folder, so it finds the input stacks.
     """
     summary = posterior_summaries(guide, data, draws=draws, batch_size=batch_size)
@@ -1032,6 +1089,7 @@ def write_particles_star(
         data,
         theta_mean=summary.get("theta_mean"),
         theta_std=summary.get("theta_std"),
+        theta_resultant=summary.get("theta_resultant"),
         dx_mean=summary.get("dx_mean"),
         dx_std=summary.get("dx_std"),
         z_mean=summary.get("z_mean"),

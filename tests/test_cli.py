@@ -675,6 +675,33 @@ def test_particle_run_output_names_the_ctf_and_resumes(capsys, simulated, tmp_pa
     assert "epoch 2/2" in stdout and (out / "particles.star").is_file()
 
 
+def test_particles_refined_in_3d_keep_their_poses_and_the_run_says_so(capsys, simulated, tmp_path):
+    import starfile
+
+    blocks = starfile.read(simulated, always_dict=True)
+    particles = blocks["particles"]
+    stack = (simulated.parent / particles["rlnImageName"].iloc[0].split("@")[1]).resolve()
+    rng = np.random.default_rng(0)
+    blocks["particles"] = particles.assign(
+        rlnImageName=[f"{name.split('@')[0]}@{stack}" for name in particles["rlnImageName"]],
+        rlnAngleRot=rng.uniform(-180, 180, len(particles)).round(6),
+        rlnAngleTilt=rng.uniform(0, 180, len(particles)).round(6),
+    )
+    refined = tmp_path / "refined.star"
+    starfile.write(blocks, refined)
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", "--particles", refined, "--out", out, *PARTICLE_TINY)
+    assert code == 0, err
+    assert (
+        "particles.star: the input STAR has 3D poses (rlnAngleRot/rlnAngleTilt): the in-plane posterior went "
+        "to pyroSvaePsiDeg/pyroSvaeOriginX/YAngst, RELION's pose columns are unchanged"
+    ) in stdout
+    table, original = star_table(out / "particles.star"), star_table(refined)
+    for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
+        np.testing.assert_array_equal(table[column].to_numpy(), original[column].to_numpy())
+    assert {"pyroSvaePsiDeg", "pyroSvaeOriginXAngst", "pyroSvaePsiResultant"} <= set(table.columns)
+
+
 def test_init_output_bias_is_refused_for_particles_with_a_ctf(capsys, simulated, tmp_path):
     argv = ["train", "--particles", simulated, "--init-output-bias", "--out", tmp_path / "run"]
     code, _, err = run(capsys, *argv, *PARTICLE_TINY)

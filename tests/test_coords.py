@@ -95,6 +95,13 @@ def test_affine_generalises_rotation_translation_and_scale():
 def test_wrap_angle():
     wrapped = wrap_angle(torch.tensor([math.pi, -math.pi, 3 * math.pi / 2, 0.1]))
     assert torch.allclose(wrapped, torch.tensor([-math.pi, -math.pi, -math.pi / 2, 0.1]))
+    degrees = wrap_angle(torch.tensor([180.0, -180.0, 540.0, 359.5, -190.0]), period=360.0)
+    assert degrees.tolist() == [-180.0, -180.0, -180.0, -0.5, 170.0]
+    # just below -pi: the remainder rounds up to 2 pi, which would give +pi
+    pi = torch.tensor(math.pi, dtype=torch.float64)
+    below = torch.nextafter(-pi, -2 * pi)
+    assert float(torch.remainder(below + math.pi, 2 * math.pi) - math.pi) == math.pi
+    assert float(wrap_angle(below)) == -math.pi
 
 
 def test_grid_follows_requested_device_and_dtype():

@@ -21,6 +21,7 @@ from pyro_svae.data import (
     load_particles,
     normalize_particles,
     pose_to_relion,
+    posterior_pose_note,
     preprocess_particles,
     read_stack,
     read_star,
@@ -360,6 +361,17 @@ def _blob(box, centre, sigma):
     return np.exp(-((cols - centre[0]) ** 2 + (rows - centre[1]) ** 2) / (2 * sigma**2)).astype(np.float32)
 
 
+def test_relion_angles_are_wrapped_to_half_open_turns():
+    psi = np.array([0.0, 90.0, 180.0, 270.0, -180.0, 540.0, 359.0])
+    theta, _ = relion_to_pose(psi, np.zeros(7), np.zeros(7), BOX)
+    assert float(theta.min()) >= -np.float32(math.pi) and float(theta.max()) < math.pi
+    np.testing.assert_allclose(theta.numpy(), np.deg2rad([0, 90, -180, -90, -180, -180, -1]), atol=1e-6)
+    theta = torch.tensor([3 * math.pi, -math.pi, 2.5 * math.pi, 7.0], dtype=torch.float64)
+    back, _, _ = pose_to_relion(theta, torch.zeros(4, 2), BOX)
+    assert back.min() >= -180.0 and back.max() < 180.0
+    np.testing.assert_allclose(back, [-180.0, -180.0, 90.0, np.rad2deg(7.0 - 2 * math.pi)], atol=1e-9)
+
+
 def test_circular_mask_values():
     hard = circular_mask(8)
     assert hard.shape == (8, 8) and hard.dtype == torch.float32
@@ -484,6 +496,8 @@ def test_write_posterior_star_round_trip_keeps_input_columns(tmp_path):
         np.testing.assert_allclose(table[column], particles[column], rtol=1e-6)
     for column in ("AnglePsi", "OriginXAngst", "OriginYAngst"):
         np.testing.assert_allclose(table[f"pyroSvaeInput{column}"], particles[f"rln{column}"], rtol=1e-6)
+    assert table["rlnAnglePsi"].between(-180.0, 180.0, inclusive="left").all()  # 2-D poses: RELION's columns
+    assert "pyroSvaePsiDeg" not in table and posterior_pose_note(subset) is None
     for k in range(3):
         np.testing.assert_allclose(table[f"pyroSvaeZ{k + 1}"], z_mean[order, k].numpy(), rtol=1e-6)
         np.testing.assert_allclose(table[f"pyroSvaeZStd{k + 1}"], z_std[order, k].numpy(), rtol=1e-6)
@@ -503,6 +517,49 @@ def test_write_posterior_star_round_trip_keeps_input_columns(tmp_path):
     assert table["rlnAnglePsi"].tolist() == [0.0] * n
     with pytest.raises(DataError, match="z_mean: expected shape"):
         write_posterior_star(tmp_path / "bad.star", back, z_mean=torch.zeros(n + 1, 2))
+
+
+def test_write_posterior_star_keeps_3d_poses_and_writes_its_own_columns(tmp_path):
+    _, _, particles, optics = _relion31(tmp_path)
+    rng = np.random.default_rng(4)
+    pose_columns = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+    refined = particles.assign(
+        rlnAngleRot=rng.uniform(-180, 180, 6), rlnAngleTilt=rng.uniform(0, 180, 6)
+    )  # particles refined in 3D
+    refined.loc[0, pose_columns] = [-179.999999, 179.999999, 123.456789, -0.000001, 999.999999]
+    star = tmp_path / "refined.star"
+    starfile.write({"optics": optics, "particles": refined}, star)
+    data = load_particles(star)
+    note = posterior_pose_note(data)
+    assert note is not None and "3D poses (rlnAngleRot/rlnAngleTilt)" in note and "pyroSvaePsiDeg" in note
+    subset = data.subset([3, 1, 5, 0, 2, 4])
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.randn(6, generator=gen) * 4  # beyond [-pi, pi)
+    dx = torch.randn(6, 2, generator=gen) * 0.1
+    out = write_posterior_star(tmp_path / "posterior.star", subset, theta_mean=theta, dx_mean=dx)
+    order = np.argsort(subset.source_index.numpy())
+    table = starfile.read(out, always_dict=True)["particles"]
+    original = starfile.read(star, always_dict=True)["particles"]
+    for column in pose_columns:  # the input's refinement, value for value
+        np.testing.assert_array_equal(table[column].to_numpy(), original[column].to_numpy())
+    assert not [column for column in table.columns if column.startswith("pyroSvaeInput")]
+    assert "rlnOriginX" not in table and "rlnOriginY" not in table
+    psi, origin_x, origin_y = pose_to_relion(theta[order], dx[order], BOX)
+    np.testing.assert_allclose(table["pyroSvaePsiDeg"], psi, rtol=1e-6, atol=1e-6)
+    assert table["pyroSvaePsiDeg"].between(-180.0, 180.0, inclusive="left").all()
+    np.testing.assert_allclose(table["pyroSvaeOriginXAngst"], origin_x * 1.5, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(table["pyroSvaeOriginYAngst"], origin_y * 1.5, rtol=1e-6, atol=1e-6)
+    # exporting the export again: still the refinement's poses, the posterior columns replaced
+    again = write_posterior_star(tmp_path / "again.star", load_particles(out), theta_mean=torch.zeros(6))
+    table = starfile.read(again, always_dict=True)["particles"]
+    for column in pose_columns:
+        np.testing.assert_array_equal(table[column].to_numpy(), original[column].to_numpy())
+    assert table["pyroSvaePsiDeg"].tolist() == [0.0] * 6 and "pyroSvaeOriginXAngst" not in table
+    # tilt alone is a 3-D pose too; a STAR without rot and tilt is 2-D and gets RELION's columns
+    tilted = load_particles(star)
+    tilted.info["star"] = tilted.info["star"].drop(columns="rlnAngleRot")
+    assert "(rlnAngleTilt)" in posterior_pose_note(tilted)
+    assert posterior_pose_note(load_particles(tmp_path / "particles.star")) is None
 
 
 def test_write_posterior_star_for_a_bare_stack(tmp_path):

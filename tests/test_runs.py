@@ -380,6 +380,21 @@ def test_config_rebuilds_a_pose_search_guide_and_reads_configs_without_a_guide_k
         runs.build_model({**config, "guide": {**config["guide"], "kind": "magic"}})
 
 
+class FixedThetaGuide(torch.nn.Module):
+    """A guide whose q(theta) is a given distribution per image (built from the image count)."""
+
+    def __init__(self, make_q) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # a device for the summaries
+        self.make_q = make_q
+
+    def posterior_means(self, images):
+        return {"theta": self.make_q(len(images)).mean}
+
+    def distributions(self, images):
+        return {"theta": self.make_q(len(images))}
+
+
 def test_posterior_summaries_are_analytic_for_normal_families_and_sampled_otherwise(posed):
     from pyro_svae.pose_search import PoseSearchGuide
 
@@ -387,32 +402,84 @@ def test_posterior_summaries_are_analytic_for_normal_families_and_sampled_otherw
     model, guide = tiny_model()
     summary = runs.posterior_summaries(guide, test, draws=4)
     q = guide.distributions(test.images)
+    # a Normal of scale s < pi has circular std s: sqrt(-2 ln R) with R = exp(-s^2 / 2)
     assert torch.allclose(summary["theta_std"], q["theta"].stddev, atol=1e-6)
+    assert torch.allclose(summary["theta_resultant"], torch.exp(-0.5 * q["theta"].stddev ** 2), atol=1e-6)
     assert torch.allclose(summary["dx_std"], q["dx"].stddev, atol=1e-6)
     assert summary["z_mean"].shape == (20, 2) and summary["z_std"].shape == (20, 2)
-    assert torch.allclose(summary["theta_mean"], guide.posterior_means(test.images)["theta"], atol=1e-6)
+    theta = guide.posterior_means(test.images)["theta"]
+    assert torch.allclose(summary["theta_mean"], torch.atan2(theta.sin(), theta.cos()), atol=1e-6)
+
+    canonical = AmortizedGuide(model, hidden_dim=16, canonicalize="moments")  # q(theta) turned back
+    summary = runs.posterior_summaries(canonical, test, draws=2)
+    scale = canonical.distributions(test.images)["theta"].base_dist.scale
+    assert torch.allclose(summary["theta_std"], scale, atol=1e-6)
 
     binned = SpatialVAE((1, 14, 14), 2, hidden_dim=8, rotation_bins=4)
-    summary = runs.posterior_summaries(PoseSearchGuide(binned, "equivariant", channels=4), test, draws=8)
+    search = PoseSearchGuide(binned, "equivariant", channels=4)
+    summary = runs.posterior_summaries(search, test, draws=8)
     assert summary["theta_std"].shape == (20,) and torch.all(torch.isfinite(summary["theta_std"]))
-
-    class VonMisesGuide(torch.nn.Module):  # q(theta) of known circular spread
-        def __init__(self) -> None:
-            super().__init__()
-            self.kappa = torch.nn.Parameter(torch.linspace(1.0, 20.0, 20))
-
-        def posterior_means(self, images):
-            return {"theta": torch.zeros(len(images))}
-
-        def distributions(self, images):
-            return {"theta": torch.distributions.VonMises(torch.zeros(len(images)), self.kappa.detach())}
-
     torch.manual_seed(0)
-    summary = runs.posterior_summaries(VonMisesGuide(), test, draws=4000)
-    kappa = torch.linspace(1.0, 20.0, 20, dtype=torch.float64)
-    resultant = torch.special.i1e(kappa) / torch.special.i0e(kappa)  # E cos(theta) of a von Mises
-    expected = torch.sqrt(-2 * torch.log(resultant)).float()
-    assert torch.allclose(summary["theta_std"], expected, rtol=0.05)
+    with torch.no_grad():
+        mixture = search.distributions(test.images)["theta"].sample((20000,))
+    sampled = torch.polar(torch.ones_like(mixture), mixture).mean(0).abs()  # the mixture's R, by sampling
+    assert torch.allclose(summary["theta_resultant"], sampled, atol=0.03)
+
+    kappa = torch.linspace(1.0, 20.0, 20)
+    von_mises = FixedThetaGuide(lambda n: torch.distributions.VonMises(torch.zeros(n), kappa))
+    summary = runs.posterior_summaries(von_mises, test, draws=2)  # analytic: no draws needed
+    resultant = torch.special.i1e(kappa.double()) / torch.special.i0e(kappa.double())  # E cos(theta)
+    assert torch.allclose(summary["theta_resultant"], resultant.float(), rtol=1e-5)
+    assert torch.allclose(summary["theta_std"], torch.sqrt(-2 * torch.log(resultant)).float(), rtol=1e-5)
+
+    gamma = torch.linspace(0.05, 1.0, 20)  # a wrapped Cauchy has R = exp(-gamma): estimated from draws
+    cauchy = FixedThetaGuide(lambda n: torch.distributions.Cauchy(torch.zeros(n), gamma))
+    torch.manual_seed(0)
+    summary = runs.posterior_summaries(cauchy, test, draws=4000)
+    assert torch.allclose(summary["theta_std"], torch.sqrt(2 * gamma), rtol=0.05)
+
+
+def test_theta_summaries_are_circular_for_wide_and_wound_normals(posed, tmp_path):
+    from pyro_svae.data import write_posterior_star
+
+    _, test = posed
+    scale = torch.tensor([0.2, 1.0, 2.0, 3.0, 5.0, 50.0, 1e4]).repeat(3)[:20]
+    loc = torch.full((20,), 3 * math.pi)  # the guide's Normal mean, wound once around the circle
+    guide = FixedThetaGuide(lambda n: torch.distributions.Normal(loc[:n], scale[:n]))
+    summary = runs.posterior_summaries(guide, test, draws=2)
+    resultant = torch.exp(-0.5 * scale.double() ** 2)
+    assert torch.allclose(summary["theta_resultant"], resultant.float())
+    assert torch.all((summary["theta_resultant"] >= 0) & (summary["theta_resultant"] <= 1))
+    moderate = scale < math.pi  # circular std sqrt(-2 ln R) = scale there; beyond, the whole circle
+    assert torch.allclose(summary["theta_std"][moderate], scale[moderate], rtol=1e-5)
+    assert torch.all(summary["theta_std"][~moderate] == torch.tensor(math.pi))
+    assert torch.allclose(summary["theta_mean"], torch.full((20,), -math.pi))
+
+    out = write_posterior_star(
+        tmp_path / "p.star",
+        ImageDataset(test.images, name="t"),
+        theta_mean=summary["theta_mean"],
+        theta_std=summary["theta_std"],
+        theta_resultant=summary["theta_resultant"],
+    )
+    import starfile
+
+    table = starfile.read(out)
+    assert table["pyroSvaePsiStdDeg"].max() <= 180.0 and table["pyroSvaePsiStdDeg"].min() > 0
+    degrees = np.rad2deg(scale[moderate].numpy())
+    np.testing.assert_allclose(table["pyroSvaePsiStdDeg"][moderate.numpy()], degrees, rtol=1e-5)
+    assert table["pyroSvaePsiResultant"].between(0.0, 1.0).all()
+    assert table["rlnAnglePsi"].between(-180.0, 180.0, inclusive="left").all()
+
+    torch.manual_seed(0)  # posterior.nc: theta draws of a Normal centred on 3 pi, all in [-pi, pi)
+    samples = runs.sample_posterior(guide, test, draws=50)
+    assert samples["theta"].max() > math.pi  # the guide's own draws are not wrapped
+    nc = tmp_path / "posterior.nc"
+    runs.write_posterior(nc, runs.posterior_inference_data(samples, test))
+    theta = runs.load_posterior(nc).posterior["theta"].values
+    assert theta.min() >= -np.float32(math.pi) and theta.max() < math.pi
+    near = moderate.numpy()  # the same angles (float32 draws of scale 1e4 keep no finer digits)
+    np.testing.assert_allclose(np.cos(theta[0][:, near]), np.cos(samples["theta"][:, near]), atol=1e-5)
 
 
 def test_particles_star_lists_every_particle_in_input_order(particle_files, tmp_path):
@@ -432,7 +499,9 @@ def test_particles_star_lists_every_particle_in_input_order(particle_files, tmp_
     with torch.no_grad():
         means = guide.posterior_means(full.images)
     assert np.allclose(table["pyroSvaeZ3"], means["z"][:, 2].numpy(), atol=1e-5)
-    assert {"pyroSvaePsiStdDeg", "pyroSvaeOriginXStdAngst", "pyroSvaeZStd3"} <= set(table.columns)
+    assert {"pyroSvaePsiStdDeg", "pyroSvaePsiResultant", "pyroSvaeOriginXStdAngst", "pyroSvaeZStd3"} <= set(
+        table.columns
+    )
     assert torch.equal(load_particles(path).images, load_particles(particle_files).images)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from .. import distributed, runs
 from ..checkpoint import load_checkpoint
+from ..data import posterior_pose_note
 from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
 from ..infer import (
@@ -882,6 +883,9 @@ def _finish(
             folder.particles_star, guide, every, draws=max(2, int(training["posterior_draws"]))
         )
         _say(f"{star.name}: {len(every)} particles with posterior poses, z and standard deviations")
+        note = posterior_pose_note(every)
+        if note:
+            _say(f"{star.name}: {note}")
         outputs = "particles.star, " + outputs
     drop_seconds = lambda record: {k: v for k, v in record.items() if k != "seconds"}  # noqa: E731
     summary = {

@@ -16,9 +16,11 @@ Files. Stacks are read with :mod:`mrcfile` (``.mrcs``/``.mrc``) or numpy (``.npy
 then in the working directory (where RELION itself resolves it, the project folder). Columns written by this
 package carry the prefix ``pyroSvae`` (starfile writes any column name): ground truth of simulated data
 ``pyroSvaeTrue_<factor>``, ``pyroSvaeTrueLabel``, ``pyroSvaeTrueScale``; posterior summaries
-``pyroSvaeZ1``...; input poses replaced by posterior ones ``pyroSvaeInput<column>``. Every file is written
-to a temporary file in the target folder and moved into place with :func:`os.replace`, so readers never
-see half a file.
+``pyroSvaeZ1``...; input poses replaced by posterior ones ``pyroSvaeInput<column>``. A STAR file with 3-D
+poses (``rlnAngleRot``/``rlnAngleTilt``) keeps its pose columns: a new in-plane ``rlnAnglePsi`` would be read
+with them as another 3-D orientation, so the in-plane posterior goes to ``pyroSvaePsiDeg`` and
+``pyroSvaeOriginX/YAngst`` instead. Every file is written to a temporary file in the target folder and moved
+into place with :func:`os.replace`, so readers never see half a file.
 
 Preprocessing. :func:`fourier_crop` keeps the centred ``box x box`` block of the image's spectrum; new
 pixel ``k`` samples old pixel ``k * H / box``, so RELION's centre (pixel ``N/2``) stays in place and the
@@ -48,6 +50,7 @@ import pandas as pd
 import starfile
 import torch
 
+from ..coords import wrap_angle
 from ..ctf import CTFParams
 from .datasets import DataError, ImageDataset
 from .loaders import _check_file, read_npy
@@ -64,6 +67,7 @@ __all__ = [
     "fourier_crop",
     "preprocess_particles",
     "write_posterior_star",
+    "posterior_pose_note",
 ]
 
 # RELION CTF columns -> CTFParams fields; the last two are optional (default 0).
@@ -104,7 +108,8 @@ def _rotate_points(points: np.ndarray, theta: np.ndarray) -> np.ndarray:
 def relion_to_pose(
     psi_degrees, origin_x_pixels, origin_y_pixels, box_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RELION in-plane pose -> pyro_svae's ``theta`` ``(N,)`` radians and ``dx`` ``(N, 2)`` grid units."""
+    """RELION in-plane pose -> pyro_svae's ``theta`` ``(N,)`` radians in ``[-pi, pi)`` and ``dx`` ``(N, 2)``
+    grid units."""
     if box_size < 2:
         raise ValueError(f"box_size must be >= 2, got {box_size}")
     psi = np.deg2rad(np.asarray(psi_degrees, dtype=np.float64).reshape(-1))
@@ -119,19 +124,20 @@ def relion_to_pose(
     shift = np.stack([-origin[:, 0], origin[:, 1]], axis=-1) * unit
     centre = _relion_centre(box_size)
     dx = shift + centre - _rotate_points(np.broadcast_to(centre, shift.shape), psi)
-    theta = np.angle(np.exp(1j * psi))  # wrapped to (-pi, pi]
-    return torch.as_tensor(theta, dtype=torch.float32), torch.as_tensor(dx, dtype=torch.float32)
+    theta = wrap_angle(torch.from_numpy(psi))
+    return theta.to(torch.float32), torch.as_tensor(dx, dtype=torch.float32)
 
 
 def pose_to_relion(theta, dx, box_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of :func:`relion_to_pose`: ``(psi_degrees, origin_x_pixels, origin_y_pixels)``, each (N,)."""
+    """Inverse of :func:`relion_to_pose`: ``(psi_degrees, origin_x_pixels, origin_y_pixels)``, each (N,),
+    ``psi`` in ``[-180, 180)``."""
     theta = np.asarray(torch.as_tensor(theta).detach().cpu(), dtype=np.float64).reshape(-1)
     dx = np.asarray(torch.as_tensor(dx).detach().cpu(), dtype=np.float64).reshape(-1, 2)
     centre = _relion_centre(box_size)
     shift = dx - centre + _rotate_points(np.broadcast_to(centre, dx.shape), theta)
     unit = _grid_units_per_pixel(box_size)
     origin_x, origin_y = -shift[:, 0] / unit, shift[:, 1] / unit
-    psi = np.rad2deg(theta) % 360.0
+    psi = wrap_angle(torch.from_numpy(np.rad2deg(theta)), period=360.0).numpy()
     return psi, origin_x, origin_y
 
 
@@ -798,7 +804,30 @@ def preprocess_particles(
 
 # ------------------------------------------------------------------------------------------ export
 
-_POSTERIOR_PREFIXES = ("pyroSvaeZ", "pyroSvaePsiStd", "pyroSvaeOrigin")
+_POSTERIOR_PREFIXES = ("pyroSvaeZ", "pyroSvaePsi", "pyroSvaeOrigin")
+_ORIENTATION_COLUMNS = ("rlnAngleRot", "rlnAngleTilt")  # 3-D poses: psi is part of the 3-D orientation
+_RELION_IN_PLANE = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
+_OWN_IN_PLANE = ("pyroSvaePsiDeg", "pyroSvaeOriginXAngst", "pyroSvaeOriginYAngst")
+
+
+def _orientation_columns(dataset: ImageDataset) -> list[str]:
+    """The 3-D orientation columns of the data set's input STAR table (``[]`` for 2-D poses or no STAR)."""
+    star = dataset.info.get("star")
+    columns = star.columns if isinstance(star, pd.DataFrame) else ()
+    return [column for column in _ORIENTATION_COLUMNS if column in columns]
+
+
+def posterior_pose_note(dataset: ImageDataset) -> str | None:
+    """One line for users when :func:`write_posterior_star` leaves RELION's pose columns of ``dataset`` as
+    they are (its input STAR has 3-D poses) and writes the in-plane posterior to its own columns; else None.
+    """
+    found = _orientation_columns(dataset)
+    if not found:
+        return None
+    return (
+        f"the input STAR has 3D poses ({'/'.join(found)}): the in-plane posterior went to "
+        "pyroSvaePsiDeg/pyroSvaeOriginX/YAngst, RELION's pose columns are unchanged"
+    )
 
 
 def _rows(value, n: int, name: str, width: int | None) -> np.ndarray | None:
@@ -834,6 +863,7 @@ def write_posterior_star(
     *,
     theta_mean=None,
     theta_std=None,
+    theta_resultant=None,
     dx_mean=None,
     dx_std=None,
     z_mean=None,
@@ -845,16 +875,22 @@ def write_posterior_star(
     Rows are the input STAR rows of the data set's particles (``dataset.info["star"]`` via
     ``source_index``, in the input order; otherwise a minimal table with ``pyroSvaeIndex`` and, for a stack,
     ``rlnImageName``). ``theta_mean`` ``(N,)`` radians and ``dx_mean`` ``(N, 2)`` grid units become
-    ``rlnAnglePsi`` and ``rlnOriginXAngst``/``YAngst`` (the inputs' own pose columns are kept as
-    ``pyroSvaeInput<name>``), ``theta_std`` ``pyroSvaePsiStdDeg``, ``dx_std`` ``(N, 2)`` or ``(N,)``
-    ``pyroSvaeOriginXStdAngst``/``YStdAngst`` or ``pyroSvaeOriginStdAngst``, ``z_mean``/``z_std``
-    ``(N, k)`` ``pyroSvaeZ1..k``/``pyroSvaeZStd1..k``. The optics table of a RELION 3.1 input is kept;
-    the file is replaced atomically. Arrays are in the data set's order.
+    ``rlnAnglePsi`` (degrees in ``[-180, 180)``) and ``rlnOriginXAngst``/``YAngst`` (the inputs' own pose
+    columns are kept as ``pyroSvaeInput<name>``). An input STAR with 3-D poses (``rlnAngleRot`` or
+    ``rlnAngleTilt``) keeps every pose column as it is; the means then become ``pyroSvaePsiDeg`` and
+    ``pyroSvaeOriginXAngst``/``YAngst`` (:func:`posterior_pose_note` says so). ``theta_std`` (radians, a
+    circular standard deviation) becomes ``pyroSvaePsiStdDeg``, capped at 180 (spread over the whole
+    circle), ``theta_resultant`` (the mean resultant length, in ``[0, 1]``) ``pyroSvaePsiResultant``,
+    ``dx_std`` ``(N, 2)`` or ``(N,)`` ``pyroSvaeOriginXStdAngst``/``YStdAngst`` or
+    ``pyroSvaeOriginStdAngst``, ``z_mean``/``z_std`` ``(N, k)`` ``pyroSvaeZ1..k``/``pyroSvaeZStd1..k``.
+    The optics table of a RELION 3.1 input is kept; the file is replaced atomically. Arrays are in the data
+    set's order.
     """
     path = Path(path)
     n, box = len(dataset), dataset.images.shape[-1]
     theta_mean = _rows(theta_mean, n, "theta_mean", None)
     theta_std = _rows(theta_std, n, "theta_std", None)
+    theta_resultant = _rows(theta_resultant, n, "theta_resultant", None)
     dx_mean = _rows(dx_mean, n, "dx_mean", 2)
     if dx_std is not None and np.ndim(dx_std) == 1:
         dx_std = _rows(dx_std, n, "dx_std", None)
@@ -897,17 +933,23 @@ def write_posterior_star(
         theta = theta_mean if theta_mean is not None else np.zeros(n)
         dx = dx_mean if dx_mean is not None else np.zeros((n, 2))
         psi, origin_x, origin_y = pose_to_relion(theta[order], dx[order], box)
+        keep_input_poses = bool(_orientation_columns(dataset))
+        psi_column, x_column, y_column = _OWN_IN_PLANE if keep_input_poses else _RELION_IN_PLANE
         if theta_mean is not None:
-            table = _rename_input(table, "rlnAnglePsi")
-            table["rlnAnglePsi"] = psi
+            if not keep_input_poses:
+                table = _rename_input(table, "rlnAnglePsi")
+            table[psi_column] = psi
         if dx_mean is not None:
             pixel = angstrom_per_pixel()
-            for column in _POSE_COLUMNS[1:]:
-                table = _rename_input(table, column)
-            table["rlnOriginXAngst"] = origin_x * pixel
-            table["rlnOriginYAngst"] = origin_y * pixel
+            if not keep_input_poses:
+                for column in _POSE_COLUMNS[1:]:
+                    table = _rename_input(table, column)
+            table[x_column] = origin_x * pixel
+            table[y_column] = origin_y * pixel
     if theta_std is not None:
-        table["pyroSvaePsiStdDeg"] = np.rad2deg(theta_std[order])
+        table["pyroSvaePsiStdDeg"] = np.minimum(np.rad2deg(theta_std[order]), 180.0)
+    if theta_resultant is not None:
+        table["pyroSvaePsiResultant"] = np.clip(theta_resultant[order], 0.0, 1.0)
     if dx_std is not None:
         scale = angstrom_per_pixel() / _grid_units_per_pixel(box)
         if dx_std.ndim == 1:
