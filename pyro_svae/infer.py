@@ -411,7 +411,9 @@ def fit(
         state = load_checkpoint(checkpoint, map_location=device)
         load_module_state(model, state["model"], "model")
         load_module_state(guide, state["guide"], "guide")
-        set_optimizer_state(optim, state["optimizer"], _prefixes(model, guide))
+        # fit's own Adam takes `learning_rate` (a resumed run may change it); a given optimizer keeps its own
+        new_rate = learning_rate if optimizer is None else None
+        set_optimizer_state(optim, state["optimizer"], _prefixes(model, guide), learning_rate=new_rate)
         history = History(list(state["history"]))
         start_epoch = int(state["epoch"]) + 1
         set_rng_state(state["rng"])

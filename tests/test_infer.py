@@ -10,6 +10,7 @@ import torch
 from conftest import make_ctf, requires_cuda
 
 from pyro_svae import AmortizedGuide, SpatialVAE, evaluate, fit
+from pyro_svae.checkpoint import load_checkpoint
 from pyro_svae.data import DataError, ImageDataset, rotated_mnist
 from pyro_svae.infer import decaying_adam, resolve_device, retain_freed_memory
 
@@ -123,6 +124,24 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, digits):
     resumed = run(3, resume=True)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(resumed.records) == strip(full.records)
+
+
+def binary_images(n: int = 20, size: int = 8) -> torch.Tensor:
+    return (torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+
+
+def test_resume_with_a_new_learning_rate_steps_at_that_rate(tmp_path):
+    images, path = binary_images(), tmp_path / "ckpt.pt"
+
+    def rates() -> set[float]:
+        optimizer = load_checkpoint(path)["optimizer"]
+        return {g["lr"] for role in optimizer.values() for s in role.values() for g in s["param_groups"]}
+
+    common = dict(batch_size=5, progress=False, checkpoint=path)
+    fit(*tiny((8, 8)), images, epochs=1, learning_rate=1e-3, **common)
+    assert rates() == {1e-3}
+    fit(*tiny((8, 8)), images, epochs=2, learning_rate=1e-4, resume=True, **common)
+    assert rates() == {1e-4} and load_checkpoint(path)["epoch"] == 2
 
 
 def test_arrays_are_accepted_and_the_device_is_resolved():
