@@ -2,6 +2,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pyro
@@ -215,6 +216,17 @@ def test_resume_with_a_new_learning_rate_steps_at_that_rate(tmp_path):
     assert rates() == {1e-3}
     fit(*tiny((8, 8)), images, epochs=2, learning_rate=1e-4, resume=True, **common)
     assert rates() == {1e-4} and load_checkpoint(path)["epoch"] == 2
+
+
+def test_gaussian_data_far_from_the_noise_scale_warns_but_trains():
+    model, guide = tiny((8, 8), likelihood="gaussian")
+    images = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(model, guide, images, epochs=0, progress=False)
+    with pytest.warns(UserWarning, match=r"std 2\.\d+e\+05, far from .* sigma 1: normalize the images"):
+        history = fit(model, guide, images * 1e6, epochs=1, batch_size=5, progress=False)
+    assert len(history) == 1
 
 
 def test_arrays_are_accepted_and_the_device_is_resolved():
