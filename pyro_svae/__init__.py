@@ -6,13 +6,22 @@ transform of the coordinate grid, inferred by an amortized guide alongside the c
 
 from . import coords, data, likelihoods, metrics, priors
 from .guides import AmortizedGuide
-from .infer import History, evaluate, fit, posterior_means, recovery_metrics, retain_freed_memory
+from .infer import (
+    DivergenceError,
+    History,
+    evaluate,
+    fit,
+    posterior_means,
+    recovery_metrics,
+    retain_freed_memory,
+)
 from .model import SpatialVAE
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AmortizedGuide",
+    "DivergenceError",
     "History",
     "SpatialVAE",
     "coords",

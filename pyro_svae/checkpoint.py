@@ -94,13 +94,27 @@ def optimizer_state(optim: pyro.optim.PyroOptim, prefixes: dict[str, str]) -> di
 
 
 def set_optimizer_state(
-    optim: pyro.optim.PyroOptim, grouped: dict[str, dict], prefixes: dict[str, str]
+    optim: pyro.optim.PyroOptim,
+    grouped: dict[str, dict],
+    prefixes: dict[str, str],
+    *,
+    learning_rate: float | None = None,
 ) -> None:
+    """Load what :func:`optimizer_state` saved; ``learning_rate`` replaces the rate the state recorded
+    (a torch optimizer's ``param_groups``, which would otherwise win over ``optim``'s arguments)."""
     state = dict(grouped.get("other", {}))
     for role, prefix in prefixes.items():
         for name, value in grouped.get(role, {}).items():
             state[f"{prefix}.{name}"] = value
+    if learning_rate is not None:
+        state = {name: _with_learning_rate(value, learning_rate) for name, value in state.items()}
     optim.set_state(state)
+
+
+def _with_learning_rate(state: dict, learning_rate: float) -> dict:
+    """A torch optimizer's ``state_dict`` with ``lr`` set in every param group."""
+    groups = [{**group, "lr": learning_rate} for group in state["param_groups"]]
+    return {**state, "param_groups": groups}
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ parameters, one flat all-reduce per step.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,7 @@ class Ranks:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _synced: set[int] = field(default_factory=set, repr=False)
     _names: tuple[str, ...] | None = field(default=None, repr=False)
+    _params: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
@@ -166,11 +168,20 @@ class Ranks:
         global batch), are summed over ranks in one flat all-reduce, together with the loss, so every
         rank applies the same update and returns the same global loss. Parameters first seen here
         (created lazily by a ``pyro.param`` statement) are broadcast from rank 0 before the update.
+        A non-finite loss on one rank makes the global loss non-finite on all, so every rank sees a
+        divergence at the same step; a ``ValueError`` (a distribution whose parameters went invalid)
+        after the first step is raised here once the other ranks got a NaN loss, not left to hang them.
         """
         if not self.active:
             return svi.step(*args, **kwargs)
-        with poutine.trace(param_only=True) as capture:
-            loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+        try:
+            with poutine.trace(param_only=True) as capture:
+                loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+        except ValueError:  # a distribution gone invalid on this rank (divergence): stop every rank
+            if self._params is None:
+                raise
+            self._reduce(self._params, math.nan, share)  # the others see a NaN loss, and stop too
+            raise
         named = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
         names = tuple(sorted(named))
         params = [named[name] for name in names]
@@ -178,6 +189,7 @@ class Ranks:
             self._check_same_names(names)
             self._broadcast_new(params)
             self._names = names
+        self._params = params
         loss = self._reduce(params, torch_item(loss), share)
         svi.optim(params)
         zero_grads(params)

@@ -1,6 +1,9 @@
+import math
+
 import pyro
 import pytest
 import torch
+from pyro.poutine.messenger import Messenger
 
 
 @pytest.fixture(autouse=True)
@@ -29,3 +32,24 @@ def make_ctf(n: int, **values):
         pixel_size=2.2,
     )
     return CTFParams.from_values(n, **{**defaults, **values})
+
+
+class PoisonObs(Messenger):
+    """From the ``after + 1``-th run of the model on, ``kind="nan"`` scales the ``obs`` site by NaN (a NaN
+    loss); ``kind="invalid"`` builds a Normal with a NaN scale there, which raises torch's validation
+    ``ValueError`` as a diverged network's output would."""
+
+    def __init__(self, after: int, kind: str = "nan") -> None:
+        super().__init__()
+        self.after, self.kind, self.runs = after, kind, 0
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["name"] != "obs":
+            return
+        self.runs += 1
+        if self.runs <= self.after:
+            return
+        if self.kind == "nan":
+            msg["scale"] = msg["scale"] * math.nan
+        else:
+            pyro.distributions.Normal(0.0, math.nan)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PoisonObs
 
 import pyro_svae.cli.train as train_command
 from pyro_svae.cli import main
@@ -384,6 +385,81 @@ def test_sigint_to_the_console_script_then_resume_matches_an_uninterrupted_run(c
     code, _, err = run(capsys, "train", *common, "--epochs", target, "--out", tmp_path / "straight")
     assert code == 0, err
     assert (broken / "metrics.csv").read_text() == (tmp_path / "straight" / "metrics.csv").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# divergence: exit status 2, the last good checkpoint kept, resume at a smaller learning rate
+# --------------------------------------------------------------------------------------------------
+def assert_divergence(code: int, err: str, *fragments: str) -> None:
+    """Exit status 2, the error and one line of advice on stderr containing every fragment, no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 2 and "Traceback" not in err, err
+    assert lines[0].startswith("pyro-svae train: error: training diverged at epoch "), lines[0]
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def optimizer_rates(run_dir: Path) -> set[float]:
+    optimizer = torch.load(run_dir / "checkpoint.pt", weights_only=True)["optimizer"]
+    return {g["lr"] for role in optimizer.values() for s in role.values() for g in s["param_groups"]}
+
+
+def test_divergence_keeps_the_last_good_checkpoint_and_resumes_at_a_smaller_rate(capsys, trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
+    checkpoint, metrics = (run_dir / "checkpoint.pt").read_bytes(), (run_dir / "metrics.csv").read_text()
+    code, _, err = run(capsys, "train", "--resume", run_dir, "--epochs", "4", "--learning-rate", "1e5")
+    assert_divergence(
+        code,
+        err,
+        "epoch 3 (step 2 of 3): the scale of a Normal distribution became invalid",
+        "lower --learning-rate (now 100000), check the data's scale (pixel values: mean 0.1",
+        f"keeps epoch 2: continue with: pyro-svae train --resume {run_dir} --learning-rate 10000",
+    )
+    assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint
+    assert (run_dir / "metrics.csv").read_text() == metrics
+
+    code, out, err = run(capsys, "train", "--resume", run_dir, "--learning-rate", "1e-3", "--no-progress")
+    assert code == 0, err
+    assert "resuming after epoch 2, learning rate 0.001" in out and "epoch 4/4" in out
+    training = json.loads((run_dir / "config.json").read_text())["training"]
+    assert training["learning_rate"] == 1e-3 and training["epochs"] == 4
+    assert training["learning_rate_changes"] == [
+        {"after_epoch": 2, "from": 2e-3, "to": 1e5},
+        {"after_epoch": 2, "from": 1e5, "to": 1e-3},
+    ]
+    assert optimizer_rates(run_dir) == {1e-3}
+
+
+def test_a_nan_loss_in_epoch_2_keeps_epoch_1_with_no_pyro_nan_warnings(capsys, digits, tmp_path):
+    out = tmp_path / "run"
+    with PoisonObs(after=3 + 1 + 1):  # 3 steps and a test evaluation an epoch: epoch 2, step 2
+        code, _, err = run(capsys, "train", "--data", digits["images"], "--epochs", "3", "--out", out, *TINY)
+    assert_divergence(code, err, "epoch 2 (step 2 of 3): loss nan", "keeps epoch 1", "--learning-rate 0.0002")
+    assert "Encountered NaN" not in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2 * 1
+
+
+def test_gaussian_data_at_1e6_warns_and_a_first_epoch_divergence_saves_nothing(capsys, digits, tmp_path):
+    big = write(tmp_path / "big.npy", np.load(digits["images"]) * 1e6)
+    out = tmp_path / "run"
+    common = ["train", "--data", big, "--likelihood", "gaussian", "--epochs", "1", "--out", out, *TINY]
+    code, _, err = run(capsys, *common, "--learning-rate", "1e5")
+    warning, *rest = err.strip().splitlines()
+    assert warning.startswith("pyro-svae train: warning: big.npy/train: pixel values have mean 1.")
+    assert "e+05, far from the Gaussian likelihood's noise sigma 1: normalize the images" in warning
+    assert_divergence(
+        code,
+        "\n".join(rest),
+        "training diverged at epoch 1 (step 2 of 3)",
+        "lower --learning-rate (now 100000), check the data's scale (pixel values: mean 1.",
+        f"no epoch finished, so nothing was saved: start again with the same options plus --learning-rate "
+        f"10000 --out {out} --overwrite",
+    )
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.csv").exists()
+    code, _, err = run(capsys, *common, "--overwrite")  # valid data: it trains, with the warning
+    assert code == 0 and "normalize the images" in err
+    assert (out / "summary.json").is_file()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import PoisonObs
 from pyro.distributions import Independent
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -22,7 +24,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro_svae.checkpoint import load_checkpoint
 from pyro_svae.distributed import Ranks, setup
 from pyro_svae.guides import AmortizedGuide
-from pyro_svae.infer import fit
+from pyro_svae.infer import DivergenceError, fit
 from pyro_svae.model import SpatialVAE
 
 WORLD = 2
@@ -101,6 +103,16 @@ def _worker(rank: int, port: int, out: str) -> None:
     model, guide = _build(seed=99)  # other initial weights: the checkpoint must set them
     fit(model, guide, images, epochs=2, checkpoint=f"{out}/resumed.pt", resume=True, **TRAIN)
     results["resumed"] = _params(model, guide)
+
+    # 3. rank 1 alone diverges at epoch 2, step 2 (a NaN loss; a distribution gone invalid): both stop there
+    for kind in ("nan", "invalid"):
+        model, guide = _build()
+        poison = PoisonObs(after=3 + 1, kind=kind) if rank == 1 else contextlib.nullcontext()
+        try:
+            with poison:
+                fit(model, guide, images, epochs=3, checkpoint=f"{out}/{kind}.pt", **TRAIN)
+        except DivergenceError as error:
+            results[f"diverged_{kind}"] = (error.epoch, error.step, str(error))
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -150,6 +162,18 @@ def test_ranks_agree_and_a_two_process_checkpoint_resumes(two_ranks):
     assert state["epoch"] == 2 and len(state["rng_ranks"]) == WORLD
     # the two ranks drew different guide noise
     assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
+
+
+def test_a_divergence_on_one_rank_stops_every_rank_at_the_same_step(two_ranks):
+    out, results = two_ranks
+    for kind, reason in (
+        ("nan", "loss nan"),
+        ("invalid", "the scale of a Normal distribution became invalid"),
+    ):
+        stops = [results[rank][f"diverged_{kind}"] for rank in range(WORLD)]
+        assert [stop[:2] for stop in stops] == [(2, 2)] * WORLD
+        assert "loss nan" in stops[0][2] and reason in stops[1][2]  # rank 0 sees the summed loss
+        assert load_checkpoint(f"{out}/{kind}.pt")["epoch"] == 1
 
 
 def test_shard_splits_every_batch_exactly():

@@ -8,9 +8,10 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import make_ctf, requires_cuda
+from conftest import PoisonObs, make_ctf, requires_cuda
 
-from pyro_svae import AmortizedGuide, SpatialVAE, evaluate, fit
+from pyro_svae import AmortizedGuide, DivergenceError, SpatialVAE, evaluate, fit, infer
+from pyro_svae.checkpoint import load_checkpoint
 from pyro_svae.data import DataError, ImageDataset, rotated_mnist
 from pyro_svae.infer import decaying_adam, resolve_device, retain_freed_memory
 
@@ -124,6 +125,108 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, digits):
     resumed = run(3, resume=True)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(resumed.records) == strip(full.records)
+
+
+def binary_images(n: int = 20, size: int = 8) -> torch.Tensor:
+    return (torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own note of the NaN loss
+def test_a_nan_loss_stops_training_before_its_epoch_is_saved(tmp_path):
+    model, guide = tiny((8, 8))
+    path = tmp_path / "ckpt.pt"
+    saved, epochs_seen = [], []
+
+    def after_epoch(epoch, records):
+        epochs_seen.append(epoch)
+        saved.append(path.read_bytes())
+
+    with PoisonObs(after=4 + 2), pytest.raises(DivergenceError) as caught:  # 4 steps an epoch
+        fit(
+            model,
+            guide,
+            binary_images(),
+            epochs=3,
+            batch_size=5,
+            progress=False,
+            checkpoint=path,
+            callbacks=[after_epoch],
+        )
+    error = caught.value
+    assert (error.epoch, error.step, error.steps) == (2, 3, 4) and math.isnan(error.loss)
+    assert "training diverged at epoch 2 (step 3 of 4): loss nan" in str(error)
+    assert "lower the learning rate (now 0.0001)" in str(error) and "normalize" in str(error)
+    # the checkpoint and the history stay at the last good epoch; no callback saw the diverged one
+    assert epochs_seen == [1] and path.read_bytes() == saved[0]
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [r["epoch"] for r in error.history.records] == [1]
+
+
+def test_an_invalid_distribution_after_a_step_is_divergence_but_not_at_the_first(tmp_path):
+    images = binary_images()
+    model, guide = tiny((8, 8))
+    with PoisonObs(after=2, kind="invalid"), pytest.raises(DivergenceError) as caught:
+        fit(model, guide, images, epochs=1, batch_size=5, progress=False)
+    assert caught.value.step == 3 and isinstance(caught.value.__cause__, ValueError)
+    assert "the scale of a Normal distribution became invalid" in str(caught.value)
+    # the untrained networks' own first step: a plain error (a bug or bad input, not divergence)
+    with PoisonObs(after=0, kind="invalid"), pytest.raises(ValueError, match="Expected parameter scale"):
+        fit(model, guide, images, epochs=1, batch_size=5, progress=False)
+
+
+def test_a_huge_learning_rate_is_caught_with_advice_and_nothing_saved(tmp_path):
+    model, guide = tiny((8, 8))
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(DivergenceError, match=r"epoch 1 \(step 2 of 4\).*learning rate \(now 100000\)"):
+        fit(
+            model,
+            guide,
+            binary_images(),
+            epochs=2,
+            batch_size=5,
+            learning_rate=1e5,
+            progress=False,
+            checkpoint=path,
+        )
+    assert not path.exists()
+
+
+def test_an_exploding_loss_is_caught_while_healthy_runs_are_not(digits):
+    train = digits[0]
+    model, guide = tiny()
+    with pytest.raises(DivergenceError, match=r"exploded from 5\d\d at the first step") as caught:
+        fit(model, guide, train, epochs=2, learning_rate=1.0, progress=False)
+    assert caught.value.loss > 100 * 582
+    problem = infer._loss_problem
+    assert problem(-20.0, 100.0, 784) is None and problem(2.0, -5.0, 784) is None  # improving
+    assert problem(100.0 + 99 * 784, 100.0, 784) is None  # far worse, within 100 x 1 nat per pixel
+    assert "exploded" in problem(100.0 + 101 * 784, 100.0, 784)
+    assert "exploded" in problem(1e9, 1000.0, 784) and problem(math.inf, 1.0, 1) == "loss inf"
+
+
+def test_resume_with_a_new_learning_rate_steps_at_that_rate(tmp_path):
+    images, path = binary_images(), tmp_path / "ckpt.pt"
+
+    def rates() -> set[float]:
+        optimizer = load_checkpoint(path)["optimizer"]
+        return {g["lr"] for role in optimizer.values() for s in role.values() for g in s["param_groups"]}
+
+    common = dict(batch_size=5, progress=False, checkpoint=path)
+    fit(*tiny((8, 8)), images, epochs=1, learning_rate=1e-3, **common)
+    assert rates() == {1e-3}
+    fit(*tiny((8, 8)), images, epochs=2, learning_rate=1e-4, resume=True, **common)
+    assert rates() == {1e-4} and load_checkpoint(path)["epoch"] == 2
+
+
+def test_gaussian_data_far_from_the_noise_scale_warns_but_trains():
+    model, guide = tiny((8, 8), likelihood="gaussian")
+    images = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(model, guide, images, epochs=0, progress=False)
+    with pytest.warns(UserWarning, match=r"std 2\.\d+e\+05, far from .* sigma 1: normalize the images"):
+        history = fit(model, guide, images * 1e6, epochs=1, batch_size=5, progress=False)
+    assert len(history) == 1
 
 
 def test_arrays_are_accepted_and_the_device_is_resolved():

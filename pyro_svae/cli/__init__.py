@@ -104,6 +104,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, CheckpointError, FileNotFoundError, ValueError, OSError, KeyError) as error:
         print(f"pyro-svae {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
-    except FloatingPointError as error:
-        print(f"pyro-svae {args.command}: error: {_one_line(error)}", file=sys.stderr)
-        return 1

@@ -16,6 +16,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
 from ..infer import (
     PRECISIONS,
+    DivergenceError,
     History,
     fit,
     precision_context,
@@ -40,6 +42,7 @@ from ..likelihoods import LIKELIHOODS
 from ..model import SpatialVAE
 from ..pose_search import PoseSearchGuide
 from ._common import (
+    EXIT_USAGE,
     InterruptGuard,
     UsageError,
     add_device_arg,
@@ -89,7 +92,7 @@ PARTICLE_DEFAULTS: dict[str, Any] = {
 GAUSSIAN_LIKELIHOODS = ("gaussian", "gaussian_learned", "gaussian_pixel")
 
 # Options a resumed run may change; every other setting comes from the run's config.json.
-RESUMABLE = ("epochs", "device", "no_progress", "resume", "distributed", "precision")
+RESUMABLE = ("epochs", "device", "no_progress", "resume", "distributed", "precision", "learning_rate")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -396,7 +399,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--resume",
         metavar="RUN",
         help="continue the run in folder RUN from its last checkpoint (its config.json fixes every "
-        "setting but --epochs and --device)",
+        "setting but --epochs, --device, --precision and --learning-rate)",
     )
     run.add_argument(
         "--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)"
@@ -747,7 +750,7 @@ def _resume(args: argparse.Namespace) -> int:
     if fixed:
         raise UsageError(
             f"{', '.join(map(_flag, fixed))} cannot be given with --resume: the run's config.json "
-            "fixes its settings (only --epochs, --device and --precision may change)"
+            "fixes its settings (only --epochs, --device, --precision and --learning-rate may change)"
         )
     folder = runs.open_run_folder(args.resume)
     config = runs.read_config(folder)
@@ -774,9 +777,14 @@ def _resume(args: argparse.Namespace) -> int:
         )
     pyro.clear_param_store()
     model, guide = runs.build_model(config)
-    changed = epochs != training.get("epochs") or precision != training.get("precision", "fp32")
-    if changed and distributed.is_main_process():
-        training["epochs"], training["precision"] = epochs, precision
+    rate = float(training["learning_rate"])
+    new_rate = rate if args.learning_rate is None else args.learning_rate
+    if new_rate != rate:  # config.json keeps the rate now used and when it changed
+        change = {"after_epoch": done, "from": rate, "to": new_rate}
+        training["learning_rate_changes"] = [*training.get("learning_rate_changes", []), change]
+    before = (training.get("epochs"), training.get("precision", "fp32"), rate)
+    training.update(epochs=epochs, precision=precision, learning_rate=new_rate)  # on every rank
+    if before != (epochs, precision, new_rate) and distributed.is_main_process():
         runs.write_json(folder.config, config)
     return _train(args, folder, config, model, guide, train, test, device, previous=list(state["history"]))
 
@@ -802,7 +810,8 @@ def _train(
         f"pyro-svae train: {_describe(model)} on {_data_label(config['data'])}: {len(train)} training / "
         f"{len(test)} test images of {'x'.join(map(str, train.image_shape))} on {device}"
         + _ctf_note(config["data"], model),
-        f"run folder: {folder.root}" + (f" (resuming after epoch {done})" if resume else ""),
+        f"run folder: {folder.root}"
+        + (f" (resuming after epoch {done}, learning rate {training['learning_rate']:g})" if resume else ""),
     )
     records = list(previous)
 
@@ -814,7 +823,8 @@ def _train(
 
     guard = InterruptGuard()
     try:
-        with guard:
+        with guard, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN")  # a NaN loss is a DivergenceError
             history = fit(
                 model,
                 guide,
@@ -841,6 +851,10 @@ def _train(
         if not distributed.is_main_process():
             return guard.exit_code
         return _interrupted(folder, guard.exit_code)
+    except DivergenceError as error:
+        if not distributed.is_main_process():
+            return EXIT_USAGE
+        return _diverged(folder, error, float(training["learning_rate"]), train)
     return 0
 
 
@@ -929,13 +943,46 @@ def _finish(
     )
 
 
+def _last_checkpoint(folder: runs.RunFolder) -> int | None:
+    """The epoch the run's checkpoint holds (``None`` without one), with metrics.csv made to agree."""
+    if not folder.checkpoint.is_file():
+        return None
+    state = load_checkpoint(folder.checkpoint)
+    runs.write_metrics(folder.metrics, state["history"])
+    return int(state["epoch"])
+
+
+def _diverged(folder: runs.RunFolder, error: DivergenceError, learning_rate: float, train) -> int:
+    """After a diverged epoch: the error and advice on two lines, how to go on from the last good
+    checkpoint with a smaller learning rate; exit status 2."""
+    smaller = f"--learning-rate {learning_rate / 10:g}"
+    scale = f"pixel values: mean {float(train.images.mean()):.3g}, std {float(train.images.std()):.3g}"
+    epoch = _last_checkpoint(folder)
+    if epoch is None:
+        then = (
+            "no epoch finished, so nothing was saved: start again with the same options plus "
+            f"{smaller} --out {folder.root} --overwrite"
+        )
+    else:
+        resume = f"pyro-svae train --resume {folder.root} {smaller}"
+        then = f"{folder.checkpoint} keeps epoch {epoch}: continue with: {resume}"
+    print(
+        f"pyro-svae train: error: {error.summary}",
+        f"pyro-svae train: lower --learning-rate (now {learning_rate:g}), check the data's scale ({scale}) "
+        f"or normalize the images; {then}",
+        sep="\n",
+        file=sys.stderr,
+        flush=True,
+    )
+    return EXIT_USAGE
+
+
 def _interrupted(folder: runs.RunFolder, exit_code: int) -> int:
     """After Ctrl-C / SIGTERM: make metrics.csv agree with the last checkpoint and say how to resume."""
-    if folder.checkpoint.is_file():
-        state = load_checkpoint(folder.checkpoint)
-        runs.write_metrics(folder.metrics, state["history"])
+    epoch = _last_checkpoint(folder)
+    if epoch is not None:
         print(
-            f"pyro-svae train: interrupted; {folder.checkpoint} holds epoch {state['epoch']}. "
+            f"pyro-svae train: interrupted; {folder.checkpoint} holds epoch {epoch}. "
             f"Continue with: pyro-svae train --resume {folder.root}",
             file=sys.stderr,
             flush=True,
