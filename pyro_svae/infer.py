@@ -219,6 +219,11 @@ class History:
 #: at 6x above it and recovered, at lr 0.5 at 580x and never recovered, at lr 1 at 4e7x
 EXPLOSION_FACTOR = 100.0
 
+#: a step's loss above this many nats per pixel counts as diverged even at the first step: a Gaussian
+#: pixel 1,400 noise sigmas off its mean costs 1e6 nats (pixel values scaled x1e6 cost ~1e10 per pixel);
+#: no fit of data on the likelihood's scale comes near it
+MAX_NATS_PER_PIXEL = 1e6
+
 
 class DivergenceError(RuntimeError):
     """Training diverged: a non-finite or exploding loss, a distribution whose parameters left their
@@ -622,10 +627,16 @@ def fit(
 
 
 def _loss_problem(loss: float, first: float, pixels: int) -> str | None:
-    """Why a step's per-image ``loss`` means divergence: not finite, or more than
-    :data:`EXPLOSION_FACTOR` x ``max(|first|, pixels)`` above the ``first`` step's; else ``None``."""
+    """Why a step's per-image ``loss`` means divergence: not finite, above :data:`MAX_NATS_PER_PIXEL` per
+    pixel, or more than :data:`EXPLOSION_FACTOR` x ``max(|first|, pixels)`` above the ``first`` step's;
+    else ``None``."""
     if not math.isfinite(loss):
         return f"loss {loss}"
+    if loss > MAX_NATS_PER_PIXEL * pixels:
+        return (
+            f"loss {loss:.3g} nats per image ({loss / pixels:.3g} per pixel): the pixel values are far "
+            "from the likelihood's scale"
+        )
     if loss > first + EXPLOSION_FACTOR * max(abs(first), pixels):
         return f"loss {loss:.3g} nats per image, exploded from {first:.3g} at the first step"
     return None

@@ -443,21 +443,23 @@ def test_a_nan_loss_in_epoch_2_keeps_epoch_1_with_no_pyro_nan_warnings(capsys, d
 def test_gaussian_data_at_1e6_warns_and_a_first_epoch_divergence_saves_nothing(capsys, digits, tmp_path):
     big = write(tmp_path / "big.npy", np.load(digits["images"]) * 1e6)
     out = tmp_path / "run"
-    common = ["train", "--data", big, "--likelihood", "gaussian", "--epochs", "1", "--out", out, *TINY]
-    code, _, err = run(capsys, *common, "--learning-rate", "1e5")
+    common = ["--likelihood", "gaussian", "--epochs", "1", "--out", out, *TINY]
+    code, _, err = run(capsys, "train", "--data", big, *common)
     warning, *rest = err.strip().splitlines()
     assert warning.startswith("pyro-svae train: warning: big.npy/train: pixel values have mean 1.")
     assert "e+05, far from the Gaussian likelihood's noise sigma 1: normalize the images" in warning
     assert_divergence(
         code,
         "\n".join(rest),
-        "training diverged at epoch 1 (step 2 of 3)",
-        "lower --learning-rate (now 100000), check the data's scale (pixel values: mean 1.",
+        "training diverged at epoch 1 (step 1 of 3)",
+        "per pixel): the pixel values are far from the likelihood's scale",
+        "check the data's scale (pixel values: mean 1.",
         f"no epoch finished, so nothing was saved: start again with the same options plus --learning-rate "
-        f"10000 --out {out} --overwrite",
+        f"0.0002 --out {out} --overwrite",
     )
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.csv").exists()
-    code, _, err = run(capsys, *common, "--overwrite")  # valid data: it trains, with the warning
+    large = write(tmp_path / "large.npy", np.load(digits["images"]) * 1e3)
+    code, _, err = run(capsys, "train", "--data", large, *common, "--overwrite")  # far, but it trains
     assert code == 0 and "normalize the images" in err
     assert (out / "summary.json").is_file()
 

@@ -224,9 +224,12 @@ def test_gaussian_data_far_from_the_noise_scale_warns_but_trains():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit(model, guide, images, epochs=0, progress=False)
-    with pytest.warns(UserWarning, match=r"std 2\.\d+e\+05, far from .* sigma 1: normalize the images"):
-        history = fit(model, guide, images * 1e6, epochs=1, batch_size=5, progress=False)
+    with pytest.warns(UserWarning, match=r"std 29\d, far from .* sigma 1: normalize the images"):
+        history = fit(model, guide, images * 1e3, epochs=1, batch_size=5, progress=False)
     assert len(history) == 1
+    with pytest.warns(UserWarning, match="normalize"), pytest.raises(DivergenceError) as diverged:
+        fit(model, guide, images * 1e6, epochs=1, batch_size=5, progress=False)
+    assert diverged.value.step == 1 and "far from the likelihood's scale" in diverged.value.reason
 
 
 def test_arrays_are_accepted_and_the_device_is_resolved():
