@@ -13,9 +13,11 @@ and a rotation prior of std pi (in-plane rotations are uniform). The run folder 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -734,11 +736,12 @@ def _main(args: argparse.Namespace) -> int:
     config = runs.make_config(model, guide, data=spec, training=training)
     label = spec.get("builtin") or _data_path(spec).name.split(".")[0]
     out = args.out or runs.new_run_dir(DEFAULTS["runs_dir"], label)
-    if distributed.is_main_process():
-        folder = runs.prepare_run_folder(out, overwrite=bool(args.overwrite))
-        runs.write_json(folder.config, config)
-    folder = runs.RunFolder(Path(distributed.from_main_process(str(out))))
-    return _train(args, folder, config, model, guide, train, test, device, previous=[])
+    with _writer_lock(out, create=True):
+        if distributed.is_main_process():
+            folder = runs.prepare_run_folder(out, overwrite=bool(args.overwrite))
+            runs.write_json(folder.config, config)
+        folder = runs.RunFolder(Path(distributed.from_main_process(str(out))))
+        return _train(args, folder, config, model, guide, train, test, device, previous=[])
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -748,6 +751,12 @@ def _resume(args: argparse.Namespace) -> int:
             f"{', '.join(map(_flag, fixed))} cannot be given with --resume: the run's config.json "
             "fixes its settings (only --epochs, --device and --precision may change)"
         )
+    with _writer_lock(args.resume):
+        distributed.from_main_process(None)  # the other ranks read the folder once rank 0 has tidied it
+        return _resume_locked(args)
+
+
+def _resume_locked(args: argparse.Namespace) -> int:
     folder = runs.open_run_folder(args.resume)
     config = runs.read_json(folder.config)
     if not folder.checkpoint.is_file():
@@ -780,6 +789,39 @@ def _resume(args: argparse.Namespace) -> int:
     return _train(args, folder, config, model, guide, train, test, device, previous=list(state["history"]))
 
 
+@contextlib.contextmanager
+def _writer_lock(root: str | Path, *, create: bool = False) -> Iterator[None]:
+    """Rank 0 (the process that writes) holds the run folder's lock, and first settles what a killed run
+    left there: a run ``--overwrite`` set aside, temporary files. Other ranks hold nothing."""
+    if not distributed.is_main_process():
+        yield
+        return
+    with runs.run_lock(root, create=create) as folder:
+        _put_back(folder)
+        removed = runs.remove_orphans(folder)
+        if removed:
+            _say(f"{folder.root}: removed {removed} temporary file(s) that a stopped run left behind")
+        yield
+
+
+def _put_back(folder: runs.RunFolder) -> bool:
+    """Settle a run ``--overwrite`` set aside after the new run stopped: deleted where the new run wrote
+    its first checkpoint, else put back in place (the new run's files removed). True if put back."""
+    if not distributed.is_main_process():
+        return False
+    if folder.checkpoint.is_file() and runs.discard_replaced(folder):
+        return False
+    if not runs.restore_replaced(folder):
+        return False
+    print(
+        "pyro-svae train: the new run stopped before its first checkpoint; the run it was replacing is "
+        f"back in {folder.root}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
 def _train(
     args: argparse.Namespace,
     folder: runs.RunFolder,
@@ -808,6 +850,7 @@ def _train(
     def on_epoch(epoch: int, epoch_records: dict[str, dict[str, Any]]) -> None:
         records.extend(epoch_records.values())
         if distributed.is_main_process():
+            runs.discard_replaced(folder)  # the new run has its first checkpoint
             runs.write_metrics(folder.metrics, records)
         _say(_epoch_line(epoch, epochs, epoch_records))
 
@@ -836,10 +879,14 @@ def _train(
                 return 0
             runs.write_metrics(folder.metrics, history.records)
             _finish(folder, config, model, guide, train, test, device, history, started)
+            runs.discard_replaced(folder)  # a run of 0 epochs has no checkpoint
     except KeyboardInterrupt:
         if not distributed.is_main_process():
             return guard.exit_code
         return _interrupted(folder, guard.exit_code)
+    except BaseException:
+        _put_back(folder)
+        raise
     return 0
 
 
@@ -926,8 +973,11 @@ def _finish(
 
 
 def _interrupted(folder: runs.RunFolder, exit_code: int) -> int:
-    """After Ctrl-C / SIGTERM: make metrics.csv agree with the last checkpoint and say how to resume."""
-    if folder.checkpoint.is_file():
+    """After Ctrl-C / SIGTERM: put back a replaced run, or make metrics.csv agree with the last checkpoint
+    and say how to resume."""
+    if _put_back(folder):
+        print("pyro-svae train: interrupted before the first epoch finished", file=sys.stderr, flush=True)
+    elif folder.checkpoint.is_file():
         state = load_checkpoint(folder.checkpoint)
         runs.write_metrics(folder.metrics, state["history"])
         print(
