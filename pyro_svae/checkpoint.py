@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "CheckpointError",
     "atomic_write",
+    "current_umask",
     "save_checkpoint",
     "load_checkpoint",
     "get_rng_state",
@@ -30,22 +31,40 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the model it is loaded into."""
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``.
+def atomic_write(path: str | os.PathLike, write, *, suffix: str = ".tmp") -> None:
+    """Call ``write(tmp_path)`` on a temporary file ``.NAME.XXXXXXXX{suffix}`` next to ``path``, then
+    rename it over ``path``.
 
-    A reader never sees a half-written file, and a crash leaves the previous file intact.
+    A reader never sees a half-written file, and a crash leaves the previous file intact. The file gets
+    the mode a plain ``open`` would give it (``0o666`` less the umask). ``suffix`` must end in what
+    ``write`` needs to see (e.g. ``".tmp.gif"`` for a writer that picks its format by extension).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where ``/proc`` tells it (Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once (another thread could see 0o022 meanwhile)
+    os.umask(mask)
+    return mask
 
 
 def get_rng_state() -> dict[str, Any]:

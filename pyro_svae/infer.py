@@ -42,6 +42,7 @@ from .runtime import cpu_has_native_bf16
 __all__ = [
     "PRECISIONS",
     "EmulatedPrecisionWarning",
+    "check_precision",
     "precision_context",
     "resolve_precision",
     "History",
@@ -137,24 +138,32 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
+def check_precision(precision: str, device: torch.device) -> str:
+    """The precision ``"auto"`` resolves to (:func:`resolve_precision`), after checking that ``device``
+    can run it: a ``ValueError`` for an unknown name or ``"fp16"`` off CUDA."""
+    precision = resolve_precision(precision, device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or 'auto', got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device; on the CPU use 'bf16'")
+    return precision
+
+
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast for the networks' matrix products: ``"fp32"`` (none), ``"bf16"`` (CPU or CUDA) or
     ``"fp16"`` (CUDA only); ``"auto"`` as :func:`resolve_precision` says. Coordinates, pose transforms,
     the CTF, likelihoods and KL terms stay float32 (the model and guides cast network outputs back), and
-    parameters and optimizer state stay float32."""
-    precision = resolve_precision(precision, device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} or 'auto', got {precision!r}")
+    parameters and optimizer state stay float32. bf16 on a CPU that only emulates it warns
+    (:class:`EmulatedPrecisionWarning`)."""
+    precision = check_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision 'fp16' needs a CUDA device; on the CPU use 'bf16'")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(
             "precision 'bf16' on a CPU without native bf16 (AVX512-BF16 or AMX): its matrix products are "
             "emulated and slower than fp32; use precision 'fp32' (or 'auto') here",
             EmulatedPrecisionWarning,
-            stacklevel=1,  # one location, so Python shows it once per process, not once per caller
+            stacklevel=3,
         )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)

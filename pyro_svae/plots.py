@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from .checkpoint import atomic_write
 
 __all__ = [
     "tile_images",
@@ -370,14 +371,6 @@ def traversal_animation(
 
     animation = FuncAnimation(figure, draw, frames=len(canvases), blit=False, repeat=False)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".gif", dir=path.parent)
-    os.close(fd)
-    try:
-        animation.save(tmp, writer=PillowWriter(fps=fps), dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save = lambda tmp: animation.save(tmp, writer=PillowWriter(fps=fps), dpi=dpi)  # noqa: E731
+    atomic_write(path, save, suffix=".tmp.gif")  # Pillow picks the format by the extension
     return path

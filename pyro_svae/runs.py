@@ -10,14 +10,17 @@ Layout of a run folder (see the README)::
       posterior.nc     ArviZ InferenceData: posterior draws of z, theta, dx per test image
       particles.star   (particle data) every input particle with posterior means and standard deviations
       figures/         training_curves.png, manifold.png, reconstructions.png, theta.png, traversal.gif
+      .lock            held (``fcntl.flock``) by the process that trains in the folder; holds its PID
 
 The data of a run are described in ``config.json`` by a *data spec* (:func:`data_spec`,
 :func:`particle_spec`): a built-in name, or files and folders by absolute path and SHA-256, with the
 preprocessing options and the seeded train/test split, so that a resumed run and ``pyro-svae evaluate``
 rebuild exactly the same images.
 
-Every file is written atomically (temporary file, then rename). This module holds no command-line code:
-it raises :class:`RunError` (a ``ValueError``) with a message for the user and returns data.
+Every file is written atomically (temporary file, then rename). ``--overwrite`` moves the run it
+replaces into ``.replaced-run/`` and deletes it only once the new run has written its first checkpoint.
+This module holds no command-line code: it raises :class:`RunError` (a ``ValueError``) with a message
+for the user and returns data.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import os
 import platform
 import shutil
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,12 +63,21 @@ from .infer import evaluate, guide_inputs, posterior_means, recovery_metrics
 from .model import SpatialVAE
 from .pose_search import PoseSearchGuide
 
+try:  # advisory locks on run folders; Windows has no fcntl and its run folders go unlocked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 __all__ = [
     "RunError",
     "RunFolder",
     "new_run_dir",
     "prepare_run_folder",
     "open_run_folder",
+    "run_lock",
+    "restore_replaced",
+    "discard_replaced",
+    "remove_orphans",
     "write_json",
     "read_json",
     "make_config",
@@ -96,6 +109,10 @@ __all__ = [
 CONFIG_VERSION = 1
 METRIC_COLUMNS = ("epoch", "split", "elbo", "reconstruction", "kl")
 NOT_IN_METRICS = ("seconds",)  # timings vary between runs; metrics.csv rows are reproducible
+FIGURES = ("training_curves.png", "manifold.png", "reconstructions.png", "theta.png", "traversal.gif")
+EVALUATION_FILES = ("summary.json", "posterior.nc")  # and figures/: RUN/evaluation-<data>/ of `evaluate`
+SAMPLE_FILES = ("samples.npz", "samples.png")  # RUN/samples/ of `pyro-svae sample`
+TEMPORARY_SUFFIXES = (".tmp", ".tmp.gif")  # of atomic_write's temporary files
 
 
 class RunError(ValueError):
@@ -139,11 +156,34 @@ class RunFolder:
     def particles_star(self) -> Path:
         return self.root / "particles.star"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def replaced(self) -> Path:
+        """Where ``--overwrite`` keeps the run it replaces until the new run's first checkpoint."""
+        return self.root / ".replaced-run"
+
+    @property
+    def moving(self) -> Path:
+        """The replaced run while its files move (aside or back): the folder holds no new run's files."""
+        return self.root / ".replaced-run.partial"
+
+    def run_files(self) -> list[Path]:
+        """Where ``pyro-svae train`` writes its files (existing or not), figures included."""
+        files = [self.config, self.metrics, self.summary, self.checkpoint, self.posterior]
+        return [*files, self.particles_star, *(self.figures / name for name in FIGURES)]
+
     def outputs(self) -> list[Path]:
-        """The run's own files and folders that exist now."""
-        paths = [self.config, self.metrics, self.summary, self.checkpoint, self.posterior, self.figures]
-        paths.append(self.particles_star)
-        return [path for path in paths if path.exists()]
+        """The files this project wrote into the folder that exist now: the run's files and figures,
+        ``evaluation-*/`` of ``pyro-svae evaluate`` and ``samples/`` of ``pyro-svae sample``; no others."""
+        files = self.run_files()
+        for evaluation in sorted(self.root.glob("evaluation-*")):
+            files += [evaluation / name for name in EVALUATION_FILES]
+            files += [evaluation / "figures" / name for name in FIGURES]
+        files += [self.root / "samples" / name for name in SAMPLE_FILES]
+        return [path for path in files if path.is_file()]
 
 
 def new_run_dir(base: str | os.PathLike = "runs", label: str = "run") -> Path:
@@ -158,29 +198,128 @@ def new_run_dir(base: str | os.PathLike = "runs", label: str = "run") -> Path:
     return candidate
 
 
-def prepare_run_folder(root: str | os.PathLike, *, overwrite: bool = False) -> RunFolder:
-    """Create (or, with ``overwrite``, clear the run files of) a folder for a new run.
-
-    Refuses a folder that already holds any run file unless ``overwrite`` is true; with it, only the
-    run's own files are removed (other files in the folder are left alone).
+@contextmanager
+def run_lock(root: str | os.PathLike, *, create: bool = False) -> Iterator[RunFolder]:
+    """Hold the run folder ``root`` for the ``with`` block: an advisory ``fcntl.flock`` on ``root/.lock``
+    (which then holds this process's PID). The lock ends with the process, so a crash never leaves the
+    folder locked. ``create`` makes a missing folder. Raises :class:`RunError` naming the holder's PID
+    when another process (or another ``run_lock`` in this one) holds it. Without ``fcntl`` (Windows): no lock.
     """
     folder = RunFolder(Path(root))
     if folder.root.exists() and not folder.root.is_dir():
         raise RunError(f"{folder.root} exists and is not a folder")
+    if create:
+        folder.root.mkdir(parents=True, exist_ok=True)
+    elif not folder.root.is_dir():
+        raise RunError(f"no run folder at {folder.root}")
+    if fcntl is None:  # pragma: no cover - Windows
+        yield folder
+        return
+    fd = os.open(folder.lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        locked = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            raise RunError(
+                f"{folder.root} is in use by process {holder} (it holds {folder.lock.name}): wait for it "
+                "to end or stop it, then try again"
+            ) from None
+        except OSError as error:  # a file system without locks (some network mounts): go on unlocked
+            warnings.warn(f"{folder.lock}: cannot lock ({error.strerror}); going on unlocked", stacklevel=3)
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield folder
+        finally:
+            if locked:
+                os.ftruncate(fd, 0)  # a later reader finds no stale PID
+    finally:
+        os.close(fd)
+
+
+def prepare_run_folder(root: str | os.PathLike, *, overwrite: bool = False) -> RunFolder:
+    """Create a folder for a new run; refuses one that holds a run unless ``overwrite``.
+
+    With ``overwrite`` the project's files (:meth:`RunFolder.outputs`) move into ``.replaced-run/``:
+    :func:`discard_replaced` deletes them once the new run has its first checkpoint,
+    :func:`restore_replaced` puts them back. Other files stay untouched. Call it holding :func:`run_lock`.
+    """
+    folder = RunFolder(Path(root))
+    if folder.root.exists() and not folder.root.is_dir():
+        raise RunError(f"{folder.root} exists and is not a folder")
+    for aside in (folder.replaced, folder.moving):
+        if aside.exists():
+            raise RunError(f"{aside} holds a run set aside by an unfinished --overwrite")
     existing = folder.outputs()
     if existing and not overwrite:
-        names = ", ".join(path.name for path in existing)
+        names = ", ".join(dict.fromkeys(path.relative_to(folder.root).parts[0] for path in existing))
         raise RunError(
             f"{folder.root} already holds a run ({names}); pass --overwrite to replace it, "
             f"or continue it with: pyro-svae train --resume {folder.root}"
         )
     for path in existing:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        _move(path, folder.root, folder.moving)
+    if existing:
+        folder.moving.rename(folder.replaced)  # all of it aside: a crash before this restores it all
     folder.root.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def restore_replaced(folder: RunFolder) -> bool:
+    """Put back the run :func:`prepare_run_folder` set aside, deleting the new run's files; returns
+    whether there was one. Also completes a move a crash interrupted."""
+    if folder.replaced.is_dir():
+        for path in folder.outputs():
+            _move(path, folder.root, None)
+        folder.replaced.rename(folder.moving)
+    if not folder.moving.is_dir():
+        return False
+    for path in sorted(path for path in folder.moving.rglob("*") if path.is_file()):
+        _move(path, folder.moving, folder.root)
+    shutil.rmtree(folder.moving)
+    return True
+
+
+def discard_replaced(folder: RunFolder) -> bool:
+    """Delete the run :func:`prepare_run_folder` set aside; returns whether there was one."""
+    if not folder.replaced.is_dir():
+        return False
+    shutil.rmtree(folder.replaced)
+    return True
+
+
+def remove_orphans(folder: RunFolder) -> int:
+    """Delete the temporary files a killed writer left beside the run's files (``.NAME.XXXXXXXX.tmp``,
+    in the folder and ``figures/``); returns how many. Call it holding :func:`run_lock`."""
+    orphans = [
+        candidate
+        for path in folder.run_files()
+        if path.parent.is_dir()
+        for candidate in path.parent.glob(f".{path.name}.*")
+        if candidate.name.endswith(TEMPORARY_SUFFIXES) and candidate.is_file()
+    ]
+    for orphan in orphans:
+        orphan.unlink()
+    return len(orphans)
+
+
+def _move(path: Path, source: Path, target: Path | None) -> None:
+    """Move file ``path`` from under folder ``source`` to the same place under ``target`` (``None``:
+    delete it), then remove the folders this leaves empty up to ``source``."""
+    if target is None:
+        path.unlink()
+    else:
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, destination)
+    parent = path.parent
+    while parent != source and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 def open_run_folder(root: str | os.PathLike) -> RunFolder:

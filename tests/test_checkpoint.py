@@ -1,4 +1,6 @@
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import torch
 from pyro_svae.checkpoint import (
     CheckpointError,
     atomic_write,
+    current_umask,
     get_rng_state,
     load_checkpoint,
     load_module_state,
@@ -75,3 +78,17 @@ def test_empty_and_pickled_checkpoints_say_why_without_torchs_unsafe_advice(tmp_
         load_checkpoint(tmp_path / "code.pt")
     assert "pickled Python objects" in str(refused.value)
     assert "weights_only" not in str(refused.value) and len(str(refused.value).splitlines()) == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and umasks are POSIX")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    before = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+        atomic_write(tmp_path / "notes.txt", lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(before)
+    for name in ("checkpoint.pt", "notes.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name

@@ -22,9 +22,10 @@ import torch
 from conftest import PoisonObs
 
 import pyro_svae.cli.train as train_command
+from pyro_svae import runs
 from pyro_svae.cli import main
 from pyro_svae.data import mnist_digits
-from pyro_svae.infer import resolve_precision
+from pyro_svae.infer import DivergenceError, History, resolve_precision
 from pyro_svae.runs import load_posterior
 
 TINY = ["--hidden-dim", "16", "--eval-particles", "2", "--posterior-draws", "3", "--no-progress"]
@@ -596,19 +597,99 @@ def test_asking_for_cuda_without_a_gpu_is_a_clean_error(capsys, digits, tmp_path
     assert_clean_error(code, err, "CUDA")
 
 
+def files_in(root: Path) -> dict[str, bytes]:
+    """``{relative path: bytes}`` of the files under ``root`` but its lock file."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != ".lock"
+    }
+
+
 def test_existing_run_folder_is_not_overwritten_without_overwrite(capsys, trained, digits, tmp_path):
     run_dir = copy_run(trained, tmp_path)
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    before = files_in(run_dir)
     code, _, err = run(capsys, "train", "--data", digits["images"], "--epochs", "1", "--out", run_dir, *TINY)
     assert_clean_error(code, err, "already holds a run", "--overwrite", "--resume")
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    (run_dir / "notes.txt").write_text("mine")
+    assert files_in(run_dir) == before
+    mine = {"notes.txt": b"mine", "figures/mine.png": b"mine", "samples/mine.txt": b"mine"}
+    for name, data in {**mine, "samples/samples.npz": b"old samples"}.items():
+        (run_dir / name).parent.mkdir(exist_ok=True)
+        (run_dir / name).write_bytes(data)
     code, _, err = run(
         capsys, "train", "--data", digits["images"], "--epochs", "1", "--out", run_dir, "--overwrite", *TINY
     )
     assert code == 0, err
     assert json.loads((run_dir / "config.json").read_text())["training"]["epochs"] == 1
-    assert (run_dir / "notes.txt").read_text() == "mine"
+    after = files_in(run_dir)
+    assert all(after[name] == data for name, data in mine.items())  # the user's files stay
+    assert "samples/samples.npz" not in after and not (run_dir / ".replaced-run").exists()
+
+
+def failing_fit(error: BaseException):
+    def fit(*args, **kwargs):
+        raise error
+
+    return fit
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(
+    capsys, trained, digits, tmp_path, monkeypatch
+):
+    run_dir = copy_run(trained, tmp_path)
+    (run_dir / "figures" / "mine.png").write_bytes(b"mine")
+    before = files_in(run_dir)
+    argv = ["train", "--data", digits["images"], "--epochs", "3", "--out", run_dir, "--overwrite", *TINY]
+    diverged = DivergenceError(
+        epoch=1, step=1, steps=3, loss=math.nan, reason="loss nan", learning_rate=2e-3, history=History()
+    )
+    for error, status in ((KeyboardInterrupt(), 130), (diverged, 2), (OSError(28, "No space left"), 2)):
+        monkeypatch.setattr(train_command, "fit", failing_fit(error))  # stops before the first checkpoint
+        code, _, err = run(capsys, *argv)
+        assert code == status, err
+        assert f"the run it was replacing is back in {run_dir}" in err
+        assert "keeps epoch" not in err  # the checkpoint there is the old run's, not one to resume
+        assert files_in(run_dir) == before
+    monkeypatch.undo()
+
+    interrupt_after(monkeypatch, 1)  # the new run's first checkpoint replaces the old run
+    code, _, err = run(capsys, *argv)
+    assert code == 130 and "Continue with" in err
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert json.loads((run_dir / "config.json").read_text())["training"]["epochs"] == 3
+    assert not (run_dir / "summary.json").exists() and not (run_dir / ".replaced-run").exists()
+    assert (run_dir / "figures" / "mine.png").read_bytes() == b"mine"
+
+
+@pytest.mark.skipif(runs.fcntl is None, reason="no fcntl: run folders are not locked")
+def test_a_run_folder_in_use_is_refused_with_the_holders_pid(capsys, trained, digits, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
+    before = files_in(run_dir)
+    overwrite = ["--data", digits["images"], "--epochs", "1", "--out", run_dir, "--overwrite", *TINY]
+    with runs.run_lock(run_dir):  # as another pyro-svae train would
+        for argv in (["--resume", run_dir, "--epochs", "3"], overwrite):
+            code, _, err = run(capsys, "train", *argv)
+            assert_clean_error(code, err, f"{run_dir} is in use by process {os.getpid()}")
+    assert files_in(run_dir) == before
+
+
+def test_resume_settles_what_a_killed_run_left(capsys, trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
+    before = files_in(run_dir)
+    aside = run_dir / ".replaced-run"  # an --overwrite killed before its first checkpoint ...
+    for name in before:
+        (aside / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).rename(aside / name)
+    (run_dir / "config.json").write_text("{}")
+    orphans = [".checkpoint.pt.x1y2z3w4.tmp", "figures/.manifold.png.a1b2c3d4.tmp"]  # ... or a write
+    for name in [*orphans, ".notes.txt.a1b2c3d4.tmp"]:
+        (run_dir / name).parent.mkdir(exist_ok=True)
+        (run_dir / name).write_bytes(b"")
+    code, out, err = run(capsys, "train", "--resume", run_dir, "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    assert f"the run it was replacing is back in {run_dir}" in err
+    assert "removed 2 temporary file(s)" in out and "resuming after epoch 2" in out
+    assert not aside.exists() and not any((run_dir / name).exists() for name in orphans)
+    assert (run_dir / ".notes.txt.a1b2c3d4.tmp").exists()  # not a temporary file of this project
+    assert set(files_in(run_dir)) == {*before, ".notes.txt.a1b2c3d4.tmp"}
 
 
 def test_checkpoint_that_does_not_match_the_config_is_a_clean_error(capsys, trained, tmp_path):

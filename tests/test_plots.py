@@ -11,6 +11,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pyro_svae import SpatialVAE, plots
+from pyro_svae.checkpoint import current_umask
 
 
 def png_bytes(figure: Figure) -> bytes:
@@ -140,6 +141,7 @@ def test_traversal_animation_writes_a_gif_with_one_frame_per_step(tmp_path, shap
     path = plots.traversal_animation(model, tmp_path / "figures" / "traversal.gif", steps=6, means=means)
     assert path == tmp_path / "figures" / "traversal.gif"
     assert [p.name for p in path.parent.iterdir()] == ["traversal.gif"]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as a plain open() would make it
     with Image.open(path) as gif:
         assert gif.format == "GIF" and gif.n_frames == 6 and gif.is_animated
         gif.seek(5)

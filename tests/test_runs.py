@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from pyro_svae import AmortizedGuide, SpatialVAE, fit, runs
-from pyro_svae.checkpoint import CheckpointError
+from pyro_svae.checkpoint import CheckpointError, save_checkpoint
 from pyro_svae.coords import transform_images
 from pyro_svae.data import DataError, ImageDataset, mnist_digits
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +48,115 @@ def tiny_model(image_shape=(1, 14, 14), **kwargs) -> tuple[SpatialVAE, Amortized
 def test_prepare_run_folder_protects_an_existing_run(tmp_path):
     folder = runs.prepare_run_folder(tmp_path / "run")
     runs.write_json(folder.config, {"a": 1})
-    folder.figures.mkdir()
-    (folder.figures / "x.png").write_bytes(b"png")
-    (folder.root / "notes.txt").write_text("keep")
     with pytest.raises(runs.RunError, match="already holds a run .*config.json.*--overwrite"):
         runs.prepare_run_folder(folder.root)
     assert folder.config.is_file()
-    runs.prepare_run_folder(folder.root, overwrite=True)
-    assert not folder.config.exists() and not folder.figures.exists()
-    assert (folder.root / "notes.txt").read_text() == "keep"
     (tmp_path / "file").write_text("")
     with pytest.raises(runs.RunError, match="not a folder"):
         runs.prepare_run_folder(tmp_path / "file")
+
+
+def fake_run(root) -> dict[str, bytes]:
+    """A run folder with the project's files (figures, evaluate's and sample's too) and the user's own
+    files beside them; returns ``{relative path: bytes}`` of every file."""
+    files = {
+        "config.json": b"{}",
+        "checkpoint.pt": b"old weights",
+        "figures/manifold.png": b"png",
+        "figures/mine.png": b"the user's",
+        "notes.txt": b"the user's",
+        "evaluation-test/summary.json": b"{}",
+        "evaluation-test/figures/theta.png": b"png",
+        "evaluation-test/my.csv": b"the user's",
+        "samples/samples.npz": b"npz",
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def files_in(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_overwrite_sets_the_run_aside_until_it_is_put_back_or_deleted(tmp_path):
+    before = fake_run(tmp_path)
+    mine = {name: data for name, data in before.items() if data == b"the user's"}
+    folder = runs.RunFolder(tmp_path)
+    folder.moving.mkdir()  # a crash halfway through moving the run aside: all of it goes back
+    folder.checkpoint.rename(folder.moving / "checkpoint.pt")
+    assert runs.restore_replaced(folder) and files_in(tmp_path) == before
+
+    folder = runs.prepare_run_folder(tmp_path, overwrite=True)
+    assert not folder.moving.exists() and set(files_in(folder.replaced)) == set(before) - set(mine)
+    assert {name for name in files_in(tmp_path) if not name.startswith(".replaced-run/")} == set(mine)
+    assert not (tmp_path / "samples").exists()  # emptied folders go, those with the user's files stay
+    runs.write_json(folder.config, {"new": True})
+    folder.figures.joinpath("manifold.png").write_bytes(b"new png")
+    assert runs.restore_replaced(folder)  # the new run stopped before its first checkpoint
+    assert files_in(tmp_path) == before
+
+    runs.prepare_run_folder(tmp_path, overwrite=True)
+    save_checkpoint(folder.checkpoint, {"epoch": 1})
+    assert runs.discard_replaced(folder) and not runs.discard_replaced(folder)
+    assert set(files_in(tmp_path)) == {*mine, "checkpoint.pt"}
+    assert all(files_in(tmp_path)[name] == data for name, data in mine.items())
+
+
+def test_orphan_temporary_files_are_removed_and_nothing_else(tmp_path):
+    folder = runs.prepare_run_folder(tmp_path)
+    save_checkpoint(folder.checkpoint, {"epoch": 1})
+    orphans = [".checkpoint.pt.k2j4_x9a.tmp", "figures/.manifold.png.abcd1234.tmp"]
+    orphans += ["figures/.traversal.gif.zz0011yy.tmp.gif", ".particles.star.123.0a1b2c3d.tmp"]
+    kept = [".notes.txt.abcd1234.tmp", ".checkpoint.pt.bak", "figures/.mine.png.abcd1234.tmp"]
+    for name in orphans + kept:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert runs.remove_orphans(folder) == len(orphans)
+    assert sorted(files_in(tmp_path)) == sorted(["checkpoint.pt", *kept])
+    assert runs.remove_orphans(folder) == 0
+
+
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(fcntl is None, reason="no fcntl: run folders are not locked")
+def test_run_lock_refuses_a_second_holder_with_its_pid_and_ends_with_its_process(tmp_path):
+    with runs.run_lock(tmp_path / "run", create=True) as folder:
+        assert folder.lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(runs.RunError, match=f"run is in use by process {os.getpid()}"):
+            with runs.run_lock(folder.root):
+                pass
+    with runs.run_lock(folder.root):  # released at the end of the block
+        pass
+    with pytest.raises(runs.RunError, match="no run folder"):
+        with runs.run_lock(tmp_path / "missing"):
+            pass
+    assert not (tmp_path / "missing").exists()
+
+    holder = subprocess.Popen(  # another process holds it, then dies without a word
+        [sys.executable, "-c", HOLD_LOCK, str(folder.lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(runs.RunError, match=f"in use by process {holder.pid} "):
+            with runs.run_lock(folder.root):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert folder.lock.read_text() == f"{holder.pid}\n"  # a stale PID does not block
+    with runs.run_lock(folder.root):
+        pass
 
 
 def test_new_run_dir_never_reuses_a_name(tmp_path):

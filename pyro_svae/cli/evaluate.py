@@ -19,7 +19,7 @@ from ._common import UsageError, add_device_arg, non_negative_int, positive_int
 
 __all__ = ["add_args", "main"]
 
-OUTPUTS = ("summary.json", "posterior.nc", "figures")
+OUTPUTS = (*runs.EVALUATION_FILES, "figures")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from ._common import UsageError, add_device_arg, non_negative_int, positive_int
 
 __all__ = ["add_args", "main"]
 
-OUTPUTS = ("samples.npz", "samples.png")
+OUTPUTS = runs.SAMPLE_FILES
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -13,10 +13,12 @@ and a rotation prior of std pi (in-plane rotations are uniform). The run folder 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,8 @@ from ..infer import (
     PRECISIONS,
     DivergenceError,
     History,
+    check_precision,
     fit,
-    precision_context,
     resolve_device,
     resolve_precision,
     retain_freed_memory,
@@ -613,7 +615,7 @@ def _say(*lines: str) -> None:
 
 def _check_precision(precision: str, device: torch.device) -> None:
     try:
-        precision_context(precision, device)
+        check_precision(precision, device)
     except ValueError as error:
         raise UsageError(f"--precision {precision}: {error}") from None
 
@@ -738,11 +740,12 @@ def _main(args: argparse.Namespace) -> int:
     config = runs.make_config(model, guide, data=spec, training=training)
     label = spec.get("builtin") or _data_path(spec).name.split(".")[0]
     out = args.out or runs.new_run_dir(DEFAULTS["runs_dir"], label)
-    if distributed.is_main_process():
-        folder = runs.prepare_run_folder(out, overwrite=bool(args.overwrite))
-        runs.write_json(folder.config, config)
-    folder = runs.RunFolder(Path(distributed.from_main_process(str(out))))
-    return _train(args, folder, config, model, guide, train, test, device, previous=[])
+    with _writer_lock(out, create=True):
+        if distributed.is_main_process():
+            folder = runs.prepare_run_folder(out, overwrite=bool(args.overwrite))
+            runs.write_json(folder.config, config)
+        folder = runs.RunFolder(Path(distributed.from_main_process(str(out))))
+        return _train(args, folder, config, model, guide, train, test, device, previous=[])
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -752,6 +755,12 @@ def _resume(args: argparse.Namespace) -> int:
             f"{', '.join(map(_flag, fixed))} cannot be given with --resume: the run's config.json "
             "fixes its settings (only --epochs, --device, --precision and --learning-rate may change)"
         )
+    with _writer_lock(args.resume):
+        distributed.from_main_process(None)  # the other ranks read the folder once rank 0 has tidied it
+        return _resume_locked(args)
+
+
+def _resume_locked(args: argparse.Namespace) -> int:
     folder = runs.open_run_folder(args.resume)
     config = runs.read_config(folder)
     if not folder.checkpoint.is_file():
@@ -789,6 +798,39 @@ def _resume(args: argparse.Namespace) -> int:
     return _train(args, folder, config, model, guide, train, test, device, previous=list(state["history"]))
 
 
+@contextlib.contextmanager
+def _writer_lock(root: str | Path, *, create: bool = False) -> Iterator[None]:
+    """Rank 0 (the process that writes) holds the run folder's lock, and first settles what a killed run
+    left there: a run ``--overwrite`` set aside, temporary files. Other ranks hold nothing."""
+    if not distributed.is_main_process():
+        yield
+        return
+    with runs.run_lock(root, create=create) as folder:
+        _put_back(folder)
+        removed = runs.remove_orphans(folder)
+        if removed:
+            _say(f"{folder.root}: removed {removed} temporary file(s) that a stopped run left behind")
+        yield
+
+
+def _put_back(folder: runs.RunFolder) -> bool:
+    """Settle a run ``--overwrite`` set aside after the new run stopped: deleted where the new run wrote
+    its first checkpoint, else put back in place (the new run's files removed). True if put back."""
+    if not distributed.is_main_process():
+        return False
+    if folder.checkpoint.is_file() and runs.discard_replaced(folder):
+        return False
+    if not runs.restore_replaced(folder):
+        return False
+    print(
+        "pyro-svae train: the new run stopped before its first checkpoint; the run it was replacing is "
+        f"back in {folder.root}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
 def _train(
     args: argparse.Namespace,
     folder: runs.RunFolder,
@@ -818,6 +860,7 @@ def _train(
     def on_epoch(epoch: int, epoch_records: dict[str, dict[str, Any]]) -> None:
         records.extend(epoch_records.values())
         if distributed.is_main_process():
+            runs.discard_replaced(folder)  # the new run has its first checkpoint
             runs.write_metrics(folder.metrics, records)
         _say(_epoch_line(epoch, epochs, epoch_records))
 
@@ -847,6 +890,7 @@ def _train(
                 return 0
             runs.write_metrics(folder.metrics, history.records)
             _finish(folder, config, model, guide, train, test, device, history, started)
+            runs.discard_replaced(folder)  # a run of 0 epochs has no checkpoint
     except KeyboardInterrupt:
         if not distributed.is_main_process():
             return guard.exit_code
@@ -854,7 +898,11 @@ def _train(
     except DivergenceError as error:
         if not distributed.is_main_process():
             return EXIT_USAGE
-        return _diverged(folder, error, float(training["learning_rate"]), train)
+        restored = _put_back(folder)
+        return _diverged(folder, error, float(training["learning_rate"]), train, restored=restored)
+    except BaseException:
+        _put_back(folder)
+        raise
     return 0
 
 
@@ -952,12 +1000,15 @@ def _last_checkpoint(folder: runs.RunFolder) -> int | None:
     return int(state["epoch"])
 
 
-def _diverged(folder: runs.RunFolder, error: DivergenceError, learning_rate: float, train) -> int:
+def _diverged(
+    folder: runs.RunFolder, error: DivergenceError, learning_rate: float, train, *, restored: bool
+) -> int:
     """After a diverged epoch: the error and advice on two lines, how to go on from the last good
-    checkpoint with a smaller learning rate; exit status 2."""
+    checkpoint with a smaller learning rate (``restored``: the folder holds the run ``--overwrite`` was
+    replacing again, not this one); exit status 2."""
     smaller = f"--learning-rate {learning_rate / 10:g}"
     scale = f"pixel values: mean {float(train.images.mean()):.3g}, std {float(train.images.std()):.3g}"
-    epoch = _last_checkpoint(folder)
+    epoch = None if restored else _last_checkpoint(folder)
     if epoch is None:
         then = (
             "no epoch finished, so nothing was saved: start again with the same options plus "
@@ -978,9 +1029,11 @@ def _diverged(folder: runs.RunFolder, error: DivergenceError, learning_rate: flo
 
 
 def _interrupted(folder: runs.RunFolder, exit_code: int) -> int:
-    """After Ctrl-C / SIGTERM: make metrics.csv agree with the last checkpoint and say how to resume."""
-    epoch = _last_checkpoint(folder)
-    if epoch is not None:
+    """After Ctrl-C / SIGTERM: put back a replaced run, or make metrics.csv agree with the last checkpoint
+    and say how to resume."""
+    if _put_back(folder):
+        print("pyro-svae train: interrupted before the first epoch finished", file=sys.stderr, flush=True)
+    elif (epoch := _last_checkpoint(folder)) is not None:
         print(
             f"pyro-svae train: interrupted; {folder.checkpoint} holds epoch {epoch}. "
             f"Continue with: pyro-svae train --resume {folder.root}",
