@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import warnings
-from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -50,6 +48,7 @@ import pandas as pd
 import starfile
 import torch
 
+from ..checkpoint import atomic_write
 from ..coords import wrap_angle
 from ..ctf import CTFParams
 from .datasets import DataError, ImageDataset
@@ -142,19 +141,6 @@ def pose_to_relion(theta, dx, box_size: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 # --------------------------------------------------------------------------------------------- files
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(temporary_name)`` in ``path``'s folder, then move the result onto ``path``."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _as_stack(data: np.ndarray, path: Path) -> np.ndarray:
@@ -532,9 +518,8 @@ def load_particles(
 
 def _write_star(path: Path, particles: pd.DataFrame, optics: pd.DataFrame | None) -> Path:
     blocks = {"particles": particles} if optics is None else {"optics": optics, "particles": particles}
-    return _atomic_write(
-        path, lambda tmp: starfile.write(blocks, tmp, float_format=_FLOAT_FORMAT, overwrite=True)
-    )
+    atomic_write(path, lambda tmp: starfile.write(blocks, tmp, float_format=_FLOAT_FORMAT, overwrite=True))
+    return path
 
 
 def _float32_values(tensor: torch.Tensor) -> np.ndarray:
@@ -651,7 +636,7 @@ def write_particles(
             mrc.set_image_stack()
             mrc.voxel_size = float(pixel[0])
 
-    _atomic_write(stack_path, write_stack)
+    atomic_write(stack_path, write_stack)
     return _write_star(star_path, particles, optics)
 
 
