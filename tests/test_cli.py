@@ -659,7 +659,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(
     assert (run_dir / "figures" / "mine.png").read_bytes() == b"mine"
 
 
-@pytest.mark.skipif(runs.fcntl is None, reason="no fcntl: run folders are not locked")
+@pytest.mark.skipif(runs.folder.fcntl is None, reason="no fcntl: run folders are not locked")
 def test_a_run_folder_in_use_is_refused_with_the_holders_pid(capsys, trained, digits, tmp_path):
     run_dir = copy_run(trained, tmp_path)
     before = files_in(run_dir)
