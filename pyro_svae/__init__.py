@@ -13,9 +13,9 @@ from .infer import (
     fit,
     posterior_means,
     recovery_metrics,
-    retain_freed_memory,
 )
 from .model import SpatialVAE
+from .runtime import retain_freed_memory
 
 __version__ = "0.1.0"
 

@@ -1230,9 +1230,9 @@ def test_devices_torch_cannot_use_here_are_refused_at_the_option(capsys, tmp_pat
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_on_one_line(capsys, digits, tmp_path, monkeypatch):
-    from pyro_svae import infer
+    from pyro_svae import runtime
 
-    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     flags = ["--data", digits["images"], "--precision", "bf16", "--epochs", "1", "--out", tmp_path / "run"]
     code, _, err = run(capsys, "train", *flags, *TINY)
     assert code == 0, err

@@ -1,7 +1,4 @@
-import json
 import math
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -13,7 +10,7 @@ from conftest import PoisonObs, make_ctf, requires_cuda
 from pyro_svae import AmortizedGuide, DivergenceError, SpatialVAE, evaluate, fit, infer
 from pyro_svae.checkpoint import load_checkpoint
 from pyro_svae.data import DataError, ImageDataset, rotated_mnist
-from pyro_svae.infer import decaying_adam, resolve_device, retain_freed_memory
+from pyro_svae.infer import decaying_adam, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -352,19 +349,6 @@ def test_pixel_subsampled_training_reports_the_full_elbo(digits):
     assert model.training  # evaluation switched to all pixels and back
 
 
-def test_auto_precision_resolves_from_the_hardware(monkeypatch):
-    from pyro_svae import infer
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: True)
-    assert infer.resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: False)
-    assert infer.resolve_precision("auto", cpu) == "fp32"
-    assert infer.resolve_precision("fp32", cpu) == "fp32"
-    with pytest.raises(ValueError, match="precision"):
-        infer.precision_context("fp64", cpu)
-
-
 def test_decaying_adam_reaches_the_final_rate_at_the_last_epoch():
     data = torch.rand(8, 1, 6, 6)
     model = SpatialVAE((6, 6), 1, hidden_dim=4)
@@ -387,56 +371,3 @@ def test_decaying_adam_reaches_the_final_rate_at_the_last_epoch():
     assert rates == pytest.approx([1e-2, 1e-3, 1e-4])
     with pytest.raises(ValueError, match="learning rates"):
         decaying_adam(1e-2, 0.0, epochs=3)
-
-
-_REALLOCATION_FAULTS = """
-import json, resource, torch
-from pyro_svae.infer import retain_freed_memory
-
-def faults(numel=25_000_000):  # 100 MB: above glibc's largest mmap threshold
-    torch.ones(numel)  # allocated, filled and freed
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(numel)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-default = faults()
-glibc = retain_freed_memory()
-retained = min(faults() for _ in range(3))  # the heap may take a step to settle
-print(json.dumps({"glibc": glibc, "default": default, "retained": retained}))
-"""
-
-
-def test_retained_memory_serves_large_blocks_without_page_faults():
-    # a fresh process: what this one freed earlier may already sit in its heap
-    found = subprocess.run(
-        [sys.executable, "-c", _REALLOCATION_FAULTS], capture_output=True, text=True, check=True
-    )
-    faults = json.loads(found.stdout)
-    if not faults["glibc"]:
-        pytest.skip("the C library is not glibc")
-    assert faults["default"] > 0  # every reallocation is mapped and faulted in anew
-    assert faults["retained"] < faults["default"] / 10, faults
-    assert retain_freed_memory(False)  # and back to the C library's rule
-
-
-def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_emulated(monkeypatch):
-    from pyro_svae import infer
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: False)
-    with pytest.warns(infer.EmulatedPrecisionWarning, match="emulated"):
-        infer.precision_context("bf16", cpu)
-    monkeypatch.setattr(infer, "cpu_has_native_bf16", lambda: True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        infer.precision_context("bf16", cpu)
-
-
-@pytest.mark.parametrize(
-    ("device", "message"),
-    [("tpu", "unknown device"), ("mps", "not supported"), ("meta", "not supported"), ("cuda:x", "unknown")],
-)
-def test_devices_other_than_cpu_and_cuda_are_refused(device, message):
-    with pytest.raises(ValueError, match=message):
-        resolve_device(device)
-    assert resolve_device("cpu") == torch.device("cpu")

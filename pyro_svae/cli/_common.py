@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-from ..infer import resolve_device
+from ..runtime import resolve_device
 
 __all__ = [
     "EXIT_USAGE",

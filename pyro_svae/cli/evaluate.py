@@ -14,7 +14,8 @@ import pyro
 
 from .. import runs
 from ..data import BUILTIN, load_images
-from ..infer import as_dataset, resolve_device
+from ..infer import as_dataset
+from ..runtime import resolve_device
 from ._common import UsageError, add_device_arg, non_negative_int, positive_int
 
 __all__ = ["add_args", "main"]

@@ -15,8 +15,8 @@ import torch
 
 from .. import runs
 from ..checkpoint import atomic_write
-from ..infer import resolve_device
 from ..plots import image_grid_figure
+from ..runtime import resolve_device
 from ._common import UsageError, add_device_arg, non_negative_int, positive_int
 
 __all__ = ["add_args", "main"]

@@ -30,19 +30,11 @@ from ..checkpoint import load_checkpoint
 from ..data import posterior_pose_note
 from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
-from ..infer import (
-    PRECISIONS,
-    DivergenceError,
-    History,
-    check_precision,
-    fit,
-    resolve_device,
-    resolve_precision,
-    retain_freed_memory,
-)
+from ..infer import DivergenceError, History, fit
 from ..likelihoods import LIKELIHOODS
 from ..model import SpatialVAE
 from ..pose_search import PoseSearchGuide
+from ..runtime import PRECISIONS, check_precision, resolve_device, resolve_precision, retain_freed_memory
 from ._common import (
     EXIT_USAGE,
     InterruptGuard,
