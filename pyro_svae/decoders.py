@@ -96,10 +96,12 @@ class _LinearTanh(torch.autograd.Function):
         return grad @ weight, rows.t() @ x.reshape(-1, x.shape[-1]), rows.sum(0)
 
 
-def _fusable_tanh(device: torch.device, dtype: torch.dtype, activation: str, num_linears: int) -> bool:
+def _fusable_tanh(
+    device: torch.device, dtype: torch.dtype, activation: str, num_linears: int, bf16_primitives: bool
+) -> bool:
     """Whether the hidden layers can run as oneDNN linear+tanh primitives: on the CPU, in float32, or in
     bf16 where oneDNN builds bf16 primitives (not on AVX2-only CPUs)."""
-    supported = dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_supported())
+    supported = dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_primitives)
     return (
         activation == "tanh"
         and num_linears > 2
@@ -119,13 +121,15 @@ def _spatial_forward(
     linears: list[tuple[torch.Tensor, torch.Tensor]],
     activation: str,
     fuse_tanh: bool = False,
+    bf16_primitives: bool = False,
 ) -> torch.Tensor:
     """The spatial decoder as a pure function of its weights (what ``torch.compile`` traces): the posed
     coordinate projection of ``grid`` ``(P, 2)`` plus the broadcast latent projection, then the MLP tail.
     The small pose-times-weight products stay in the grid's dtype under autocast; the per-pixel
     products do not. ``fuse_tanh`` runs each hidden ``Linear`` and its tanh as one oneDNN primitive on
     the CPU (the compiled decoder's path: measured 2.5-5 % faster per paper-size bf16 step than the compiler's
-    own tanh kernel; no faster uncompiled)."""
+    own tanh kernel; no faster uncompiled), in bf16 only with ``bf16_primitives`` (oneDNN builds bf16
+    primitives on this CPU: :func:`~pyro_svae.runtime.onednn_bf16_supported`)."""
     act = _FUNCTIONAL[activation]
     weight, bias = linears[0]
     with torch.autocast(grid.device.type, enabled=False):
@@ -141,7 +145,7 @@ def _spatial_forward(
     # back to float32 under autocast (a full-size copy and a float32 tanh)
     hidden = hidden + offset.unsqueeze(-2).to(hidden.dtype)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
-    if fuse_tanh and _fusable_tanh(hidden.device, dtype, activation, len(linears)):
+    if fuse_tanh and _fusable_tanh(hidden.device, dtype, activation, len(linears), bf16_primitives):
         out = act(hidden)
         for weight, bias in linears[1:-1]:
             out = _LinearTanh.apply(out.to(dtype), weight.to(dtype), bias.to(dtype))
@@ -195,7 +199,8 @@ class SpatialDecoder(nn.Module):
         self.tail = mlp_tail(hidden_dim, num_layers, out_dim, activation)
         # compiled as a function of the weights, so that module attribute lookups (Pyro's param store
         # behind PyroModule) stay outside the traced graph
-        fused = functools.partial(_spatial_forward, fuse_tanh=True)
+        # whether oneDNN builds bf16 primitives here, asked once outside the traced function
+        fused = functools.partial(_spatial_forward, fuse_tanh=True, bf16_primitives=onednn_bf16_supported())
         self._forward_fn = torch.compile(fused, dynamic=None) if compile else _spatial_forward
 
     def _weights(self, z: torch.Tensor | None):

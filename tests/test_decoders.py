@@ -8,14 +8,19 @@ from pyro_svae.decoders import SpatialDecoder, _spatial_forward
 from pyro_svae.runtime import onednn_bf16_supported
 
 
-def _outputs_and_grads(decoder: SpatialDecoder, fuse: bool, autocast: bool):
+def _outputs_and_grads(
+    decoder: SpatialDecoder, fuse: bool, autocast: bool, bf16_primitives: bool | None = None
+):
     torch.manual_seed(1)
     grid = pixel_grid(7, 7)
     theta = torch.randn(3, requires_grad=True)
     dx = 0.1 * torch.randn(3, 2)
     latent, linears = decoder._weights(torch.randn(3, 2))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = _spatial_forward(grid, theta, dx, None, latent, linears, "tanh", fuse_tanh=fuse)
+        bf16 = onednn_bf16_supported() if bf16_primitives is None else bf16_primitives
+        out = _spatial_forward(
+            grid, theta, dx, None, latent, linears, "tanh", fuse_tanh=fuse, bf16_primitives=bf16
+        )
     out.float().square().sum().backward()
     grads = [theta.grad] + [p.grad.clone() for p in decoder.parameters()]
     decoder.zero_grad()
@@ -52,10 +57,10 @@ def test_compiled_decoder_trains_with_the_same_gradients():
 
 def test_the_fused_bf16_path_is_taken_only_where_onednn_builds_bf16_primitives(monkeypatch):
     cpu = torch.device("cpu")
-    assert decoders._fusable_tanh(cpu, torch.float32, "tanh", 3)
-    assert decoders._fusable_tanh(cpu, torch.bfloat16, "tanh", 3) == onednn_bf16_supported()
+    assert decoders._fusable_tanh(cpu, torch.float32, "tanh", 3, False)
+    assert decoders._fusable_tanh(cpu, torch.bfloat16, "tanh", 3, True)
+    assert not decoders._fusable_tanh(cpu, torch.bfloat16, "tanh", 3, False)
     # a CPU without oneDNN bf16 (an AVX2-only machine): bf16 runs the plain layers, fp32 stays fused
-    monkeypatch.setattr(decoders, "onednn_bf16_supported", lambda: False)
     calls = []
 
     def recording(x, weight, bias):
@@ -64,7 +69,19 @@ def test_the_fused_bf16_path_is_taken_only_where_onednn_builds_bf16_primitives(m
 
     monkeypatch.setattr(decoders, "_linear_tanh_op", recording)
     decoder = SpatialDecoder(2, 1, hidden_dim=16, num_layers=3)
-    _outputs_and_grads(decoder, True, autocast=True)
+    _outputs_and_grads(decoder, True, autocast=True, bf16_primitives=False)
     assert calls == []
-    _outputs_and_grads(decoder, True, autocast=False)
+    _outputs_and_grads(decoder, True, autocast=False, bf16_primitives=False)
     assert calls == [torch.float32, torch.float32]
+    _outputs_and_grads(decoder, True, autocast=True, bf16_primitives=True)
+    assert calls[2:] == [torch.bfloat16, torch.bfloat16]
+
+
+def test_the_compiled_decoder_asks_for_bf16_primitives_once_outside_the_traced_function(monkeypatch):
+    asked = []
+    monkeypatch.setattr(decoders, "onednn_bf16_supported", lambda: asked.append(1) or False)
+    decoder = SpatialDecoder(2, 1, hidden_dim=8, compile=True)
+    assert asked == [1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder.render(pixel_grid(4, 4), torch.randn(2, 2), torch.randn(2)).float().sum().backward()
+    assert asked == [1]
