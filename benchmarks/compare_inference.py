@@ -1,5 +1,8 @@
 """Compare guides and inference algorithms under one budget: one table per data set / prior.
 
+Headline (tutorial 03's budget: 1,000 digits, 8 epochs, 2 x 64): the best importance-weighted bound is the
+CNN encoder's, -214.05, against -220.24 for the MLP guide with ``Trace_ELBO``. See tutorial 03.
+
 Each (guide, objective) pair is trained from the same initial weights on the same mini-batches for the same
 number of epochs, then evaluated on the same test images: ELBO per image, importance-weighted bound with
 the same K for all, theta recovery, seconds per epoch (see :mod:`pyro_svae.compare`).

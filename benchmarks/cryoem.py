@@ -1,5 +1,8 @@
 """Cryo-EM on the built-in hinge: conformation and pose recovery, spatial-VAE against the vanilla VAE.
 
+Headline (SNR 0.1 with CTF): ``marginal-equivariant`` with 16 bins recovers the opening at |rho| 0.83 and
+theta at 0.78, where ``mlp`` reaches 0.56 and -0.11. Full account: docs/cryoem.md.
+
 Simulates the built-in hinge (:func:`pyro_svae.data.simulate_particles`: 32x32 at 2.2 Å/px, uniform in-plane
 rotation, shifts of 1.5 px) at SNR 1 without CTF and at SNR 0.1 with CTF (defocus 1-2.5 µm, 300 kV),
 normalizes each particle against its background (:func:`pyro_svae.data.preprocess_particles`), trains

@@ -1,5 +1,8 @@
 """Galaxies: pose, scale and content recovery on simulated galaxies; spatial vs vanilla VAE on Hubble.
 
+Headline (``mlp-moments``, seven seeds): theta modulo pi 0.978-0.993, log scale 0.950-0.993, bulge
+fraction 0.903-0.994. Full account: docs/galaxies.md.
+
 Two tables from one run (same seed, budget and model size for every row of a table):
 
 * **simulated** (GalSim bulge + disk, 64 x 64 RGB, uniform position angle, shifts, sizes over 2x): per guide,

@@ -1,5 +1,8 @@
 """Pose recovery on uniformly rotated MNIST: the paper's MLP guide against the pose-search guides.
 
+Headline (seed 0): ``marginal-equivariant --lr 5e-4`` reaches theta 0.705 against 0.088 for the paper's
+``mlp``, and the decoder's grid search follows a turn of the image within 15 degrees for 98 % of the digits.
+
 Prints one table (same data, budget and seed for every guide): test-split theta circular correlation
 (also modulo pi, and within each digit class with the class's own offset: under uniform rotations a model
 may pick a different "up" per digit, e.g. one frame for 6s and upside-down 9s), fraction within 15

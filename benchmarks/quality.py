@@ -1,5 +1,8 @@
 """Quality of spatial-VAE against the vanilla VAE on the built-in rotated (and translated) MNIST.
 
+Headline: over ten seeds at the original code's settings, median test ELBO -197.1 (theta circular
+correlation 0.59) against -216.7 (0.57) for the original's math. Full account: docs/results/rotated_mnist.md.
+
 Each configuration trains a spatial-VAE and a vanilla VAE of the same size (z_dim 2, 2x128 tanh MLPs,
 Bernoulli likelihood, batch 100) with ``pyro_svae.fit`` from a fixed seed, then prints one table:
 
@@ -13,17 +16,17 @@ Bernoulli likelihood, batch 100) with ``pyro_svae.fit`` from a fixed seed, then 
 The per-epoch test ELBO (and theta correlation) curves go to ``--out`` (JSON), so both curves can be
 compared, not just the end points.
 
-Configurations (``--configs``):
+Configurations (``--configs``)::
 
-=================  ======================================================  ===================
-name               data                                                    spatial-VAE pose
-=================  ======================================================  ===================
-``rot-head``       theta ~ N(0, pi/4), first 4,000 train / last 1,000 test  rotation only, pi/4
-``rot-head-dx``    as ``rot-head``                                          rotation + dx (0.1)
-``uniform-head``   theta ~ U[-pi, pi), head split                           rotation only, pi
-``rottrans-strat`` theta ~ N(0, pi/4), shifts N(0, 1.4 px), stratified      rotation + dx (0.1)
-``rot-strat``      theta ~ N(0, pi/4), stratified                           rotation only, pi/4
-=================  ======================================================  ===================
+    =================  ======================================================  ===================
+    name               data                                                    spatial-VAE pose
+    =================  ======================================================  ===================
+    ``rot-head``       theta ~ N(0, pi/4), first 4,000 train / last 1,000 test  rotation only, pi/4
+    ``rot-head-dx``    as ``rot-head``                                          rotation + dx (0.1)
+    ``uniform-head``   theta ~ U[-pi, pi), head split                           rotation only, pi
+    ``rottrans-strat`` theta ~ N(0, pi/4), shifts N(0, 1.4 px), stratified      rotation + dx (0.1)
+    ``rot-strat``      theta ~ N(0, pi/4), stratified                           rotation only, pi/4
+    =================  ======================================================  ===================
 
 ``--models original`` trains the original code's math in raw PyTorch (hand-coded ELBO, theta in radians,
 analytic KL, ``benchmarks/throughput.py``'s ``RawVAE``) on the same data and budget, float32: what the
