@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
@@ -394,141 +395,185 @@ def fit(
     train = as_dataset(train, model.image_shape, name="train")
     test = None if test is None else as_dataset(test, model.image_shape, name="test")
     ranks = D.setup(resolve_device(device), distributed)
-    device = ranks.device
-    step_precision = precision_context(precision, device)  # validates early
-    model_inputs(model, train, torch.arange(0), device)
-    if test is not None:
-        model_inputs(model, test, torch.arange(0), device)
-    model.to(device)
-    guide.to(device)
-    if seed is not None:
-        pyro.set_rng_seed(ranks.rank_seed(seed))  # distinct guide noise per rank; `seed` on rank 0
-    optim = optimizer or pyro.optim.Adam({"lr": learning_rate})
-    if loss is None:  # guides that need a particular estimator (enumeration, score function) say which
-        loss = guide.default_loss() if hasattr(guide, "default_loss") else Trace_ELBO()
-    if getattr(model, "pixel_subsample", None) is not None and getattr(loss, "max_plate_nesting", 2) < 2:
-        raise ValueError(
-            "the model's pixels plate (pixel_subsample) nests inside the images plate: the loss needs "
-            f"max_plate_nesting >= 2, got {loss.max_plate_nesting} (enumerating guides are not supported)"
-        )
-    elbo = loss
-    recorder = _ObsLogProb()
-    annealer = KLWeight()
-    svi = SVI(annealer(recorder(model)), annealer(guide), optim, elbo)
-    beta_of = kl_weight if callable(kl_weight) else (lambda epoch: float(kl_weight))
-
-    history = History()
-    start_epoch = 1
+    run = _Training.start(
+        model,
+        guide,
+        train,
+        test,
+        ranks,
+        precision=precision,
+        optimizer=optimizer,
+        loss=loss,
+        seed=seed,
+        learning_rate=learning_rate,
+    )
+    history, start_epoch = History(), 1
     if resume:
-        if checkpoint is None or not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint}")
-        state = load_checkpoint(checkpoint, map_location=device)
-        load_module_state(model, state["model"], "model")
-        load_module_state(guide, state["guide"], "guide")
-        # fit's own Adam takes `learning_rate` (a resumed run may change it); a given optimizer keeps its own
-        new_rate = learning_rate if optimizer is None else None
-        set_optimizer_state(optim, state["optimizer"], _prefixes(model, guide), learning_rate=new_rate)
-        history = History(list(state["history"]))
-        start_epoch = int(state["epoch"]) + 1
-        set_rng_state(state["rng"])
-        ranks.restore_rng(state)
+        history, start_epoch = run.restore(checkpoint)
     ranks.broadcast_modules(model, guide)
     if ranks.is_main:
         _check_scale(model, train)
 
-    n = len(train)
-    pixels = math.prod(model.image_shape)
-    first = None  # the per-image loss of this call's first step: the yardstick of an exploding loss
+    beta_of = kl_weight if callable(kl_weight) else (lambda epoch: float(kl_weight))
     for epoch in range(start_epoch, epochs + 1):
-        generator = None
-        if seed is not None:
-            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        else:
-            shared = ranks.broadcast_object(int(torch.randint(2**31, ()).item()))
-            generator = torch.Generator().manual_seed(shared)
-        annealer.beta = beta = float(beta_of(epoch))
+        beta = float(beta_of(epoch))
         if not beta > 0:
             raise ValueError(f"kl_weight must be positive, got {beta} at epoch {epoch}")
-        started = time.perf_counter()
-        objective_sum = recon_sum = 0.0
-        model.train()
-        guide.train()
-        batches = list(_batches(n, batch_size, generator))
+        batches = list(_batches(len(train), batch_size, run.epoch_generator(seed, epoch)))
         diverged = functools.partial(
-            DivergenceError,
-            epoch=epoch,
-            steps=len(batches),
-            learning_rate=learning_rate if optimizer is None else None,
-            history=history,
+            DivergenceError, epoch=epoch, steps=len(batches), learning_rate=run.learning_rate, history=history
         )
-        show = progress and ranks.is_main
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not show)
-        for step, index in enumerate(bar, 1):
-            local, share = ranks.shard(index)  # (index, 1.0) in a single process
-            images = train.images[local].to(device, non_blocking=True)
-            inputs = model_inputs(model, train, local, device)
-            try:
-                with step_precision:
-                    step_loss = ranks.step(svi, images, data_size=n, share=share, **inputs)
-            except ValueError as error:
-                reason = _invalid_distribution(error)
-                if reason is None or first is None:  # another error, or one of the untrained networks
-                    raise
-                raise diverged(step=step, loss=math.nan, reason=reason) from error
-            per_image = step_loss / n
-            first = per_image if first is None else first
-            reason = _loss_problem(per_image, first, pixels)
-            if reason is not None:
-                raise diverged(step=step, loss=per_image, reason=reason)
-            weight = index.numel() / n
-            objective_sum -= step_loss * weight
-            recon_sum += recorder.pop() * weight * share
-            bar.set_postfix(elbo=f"{-per_image:.1f}")
-        name = _non_finite_parameter(model, guide)
-        if name is not None:
-            raise diverged(
-                step=len(batches), loss=per_image, reason=f"parameter {name} became NaN or infinite"
-            )
-        (recon_sum,) = ranks.sum(recon_sum)
-        seconds = time.perf_counter() - started
-        kl = (recon_sum - objective_sum) / beta / n
         records = {
-            "train": {
-                "epoch": epoch,
-                "split": "train",
-                "elbo": recon_sum / n - kl,
-                "reconstruction": recon_sum / n,
-                "kl": kl,
-                "seconds": seconds,
-            }
+            "train": run.train_epoch(epoch, batches, beta, diverged, progress and ranks.is_main, epochs)
         }
-        if beta != 1.0:
-            records["train"]["kl_weight"] = beta
         if test is not None:
             record = _test_record(model, guide, test, epoch, max(batch_size, 100)) if ranks.is_main else None
             records["test"] = ranks.broadcast_object(record)
             if "diverged" in records["test"]:
-                raise diverged(step=len(batches), loss=per_image, reason=records["test"]["diverged"])
+                raise diverged(step=len(batches), loss=run.last_loss, reason=records["test"]["diverged"])
         history.records.extend(records.values())
-        rng_ranks = ranks.checkpoint_rng() if checkpoint is not None else {}  # on every rank
-        if checkpoint is not None and ranks.is_main:
-            save_checkpoint(
-                checkpoint,
-                {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "guide": guide.state_dict(),
-                    "optimizer": optimizer_state(optim, _prefixes(model, guide)),
-                    "history": history.records,
-                    "rng": get_rng_state(),
-                    **rng_ranks,
-                    **(extra_state or {}),
-                },
-            )
+        run.save(checkpoint, epoch, history, extra_state)
         for callback in callbacks:
             callback(epoch, records)
     ranks.barrier()
     return history
+
+
+@dataclass
+class _Training:
+    """What one :func:`fit` call trains with: SVI on the wrapped model and guide, the ranks, the device
+    and the step's precision, and the first step's loss (the yardstick of an exploding one)."""
+
+    model: Any
+    guide: Any
+    train: ImageDataset
+    ranks: Any
+    svi: SVI
+    optim: pyro.optim.PyroOptim
+    recorder: _ObsLogProb
+    annealer: KLWeight
+    step_precision: contextlib.AbstractContextManager
+    learning_rate: float | None  # fit's own Adam's rate; None for a given optimizer
+    first: float | None = None
+    last_loss: float = math.nan
+
+    @classmethod
+    def start(cls, model, guide, train, test, ranks, *, precision, optimizer, loss, seed, learning_rate):
+        """Check the inputs against the model, move the modules, seed, and set up SVI."""
+        device = ranks.device
+        step_precision = precision_context(precision, device)  # validates early
+        model_inputs(model, train, torch.arange(0), device)
+        if test is not None:
+            model_inputs(model, test, torch.arange(0), device)
+        model.to(device)
+        guide.to(device)
+        if seed is not None:
+            pyro.set_rng_seed(ranks.rank_seed(seed))  # distinct guide noise per rank; `seed` on rank 0
+        optim = optimizer or pyro.optim.Adam({"lr": learning_rate})
+        if loss is None:  # guides that need a particular estimator (enumeration, score function) say which
+            loss = guide.default_loss() if hasattr(guide, "default_loss") else Trace_ELBO()
+        if getattr(model, "pixel_subsample", None) is not None and getattr(loss, "max_plate_nesting", 2) < 2:
+            raise ValueError(
+                "the model's pixels plate (pixel_subsample) nests inside the images plate: the loss needs "
+                f"max_plate_nesting >= 2, got {loss.max_plate_nesting} (enumerating guides are not supported)"
+            )
+        recorder, annealer = _ObsLogProb(), KLWeight()
+        svi = SVI(annealer(recorder(model)), annealer(guide), optim, loss)
+        rate = learning_rate if optimizer is None else None
+        return cls(model, guide, train, ranks, svi, optim, recorder, annealer, step_precision, rate)
+
+    def restore(self, checkpoint: str | Path | None) -> tuple[History, int]:
+        """Load modules, optimizer (at fit's learning rate) and RNG from ``checkpoint``: the history so
+        far and the next epoch."""
+        if checkpoint is None or not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint}")
+        state = load_checkpoint(checkpoint, map_location=self.ranks.device)
+        load_module_state(self.model, state["model"], "model")
+        load_module_state(self.guide, state["guide"], "guide")
+        # fit's own Adam takes `learning_rate` (a resumed run may change it); a given optimizer keeps its own
+        prefixes = _prefixes(self.model, self.guide)
+        set_optimizer_state(self.optim, state["optimizer"], prefixes, learning_rate=self.learning_rate)
+        set_rng_state(state["rng"])
+        self.ranks.restore_rng(state)
+        return History(list(state["history"])), int(state["epoch"]) + 1
+
+    def epoch_generator(self, seed: int | None, epoch: int) -> torch.Generator:
+        """The generator that shuffles ``epoch``: fixed by ``seed``, else drawn and shared by the ranks."""
+        if seed is not None:
+            return torch.Generator().manual_seed(seed * 100_003 + epoch)
+        shared = self.ranks.broadcast_object(int(torch.randint(2**31, ()).item()))
+        return torch.Generator().manual_seed(shared)
+
+    def train_epoch(self, epoch, batches, beta: float, diverged, show: bool, epochs: int) -> dict[str, Any]:
+        """One pass of SVI steps over ``batches``; the epoch's train record. Raises ``diverged(...)``
+        (a :class:`DivergenceError`) on a non-finite or exploding loss, or non-finite weights."""
+        model, guide, train, ranks = self.model, self.guide, self.train, self.ranks
+        n, pixels = len(train), math.prod(model.image_shape)
+        self.annealer.beta = beta
+        started = time.perf_counter()
+        objective_sum = recon_sum = 0.0
+        model.train()
+        guide.train()
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not show)
+        for step, index in enumerate(bar, 1):
+            local, share = ranks.shard(index)  # (index, 1.0) in a single process
+            images = train.images[local].to(ranks.device, non_blocking=True)
+            inputs = model_inputs(model, train, local, ranks.device)
+            try:
+                with self.step_precision:
+                    step_loss = ranks.step(self.svi, images, data_size=n, share=share, **inputs)
+            except ValueError as error:
+                reason = _invalid_distribution(error)
+                if reason is None or self.first is None:  # another error, or one of the untrained networks
+                    raise
+                raise diverged(step=step, loss=math.nan, reason=reason) from error
+            self.last_loss = per_image = step_loss / n
+            self.first = per_image if self.first is None else self.first
+            reason = _loss_problem(per_image, self.first, pixels)
+            if reason is not None:
+                raise diverged(step=step, loss=per_image, reason=reason)
+            weight = index.numel() / n
+            objective_sum -= step_loss * weight
+            recon_sum += self.recorder.pop() * weight * share
+            bar.set_postfix(elbo=f"{-per_image:.1f}")
+        name = _non_finite_parameter(model, guide)
+        if name is not None:
+            reason = f"parameter {name} became NaN or infinite"
+            raise diverged(step=len(batches), loss=self.last_loss, reason=reason)
+        (recon_sum,) = ranks.sum(recon_sum)
+        kl = (recon_sum - objective_sum) / beta / n
+        record = {
+            "epoch": epoch,
+            "split": "train",
+            "elbo": recon_sum / n - kl,
+            "reconstruction": recon_sum / n,
+            "kl": kl,
+            "seconds": time.perf_counter() - started,
+        }
+        if beta != 1.0:
+            record["kl_weight"] = beta
+        return record
+
+    def save(self, checkpoint, epoch: int, history: History, extra_state: dict[str, Any] | None) -> None:
+        """Write the checkpoint of ``epoch`` (rank 0; every rank contributes its random state)."""
+        if checkpoint is None:
+            return
+        rng_ranks = self.ranks.checkpoint_rng()  # on every rank
+        if not self.ranks.is_main:
+            return
+        save_checkpoint(
+            checkpoint,
+            {
+                "epoch": epoch,
+                "model": self.model.state_dict(),
+                "guide": self.guide.state_dict(),
+                "optimizer": optimizer_state(self.optim, _prefixes(self.model, self.guide)),
+                "history": history.records,
+                "rng": get_rng_state(),
+                **rng_ranks,
+                **(extra_state or {}),
+            },
+        )
 
 
 def _loss_problem(loss: float, first: float, pixels: int) -> str | None:
