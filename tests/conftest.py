@@ -52,4 +52,4 @@ class PoisonObs(Messenger):
         if self.kind == "nan":
             msg["scale"] = msg["scale"] * math.nan
         else:
-            pyro.distributions.Normal(0.0, math.nan)
+            pyro.distributions.Normal(0.0, math.nan, validate_args=True)
