@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pytest
 import torch
@@ -806,7 +807,9 @@ def test_train_on_simulated_particles_end_to_end(particle_run, simulated, capsys
 
     from pyro_svae.data import load_particles
 
-    again = load_particles(particle_run / "particles.star")  # the written file still finds its images
+    # rlnImageName as given: the written file finds its images from the input's project directory
+    assert table["rlnImageName"].tolist() == original["rlnImageName"].tolist()
+    again = load_particles(particle_run / "particles.star", project_dir=simulated.parent)
     assert torch.equal(again.images, load_particles(simulated).images)
 
     from PIL import Image
@@ -861,6 +864,49 @@ def test_particles_refined_in_3d_keep_their_poses_and_the_run_says_so(capsys, si
     assert {"pyroSvaePsiDeg", "pyroSvaeOriginXAngst", "pyroSvaePsiResultant"} <= set(table.columns)
 
 
+def test_star_exported_from_a_relion_project_opens_every_image_from_the_project(
+    capsys, simulated, tmp_path, monkeypatch
+):
+    import starfile
+
+    from pyro_svae.data import load_particles
+
+    data = load_particles(simulated, mmap=False)
+    project = tmp_path / "project"
+    movies = project / "Extract" / "job012" / "Movies"
+    movies.mkdir(parents=True)
+    images = data.images[:, 0].numpy()
+    for k, rows in enumerate((slice(0, 25), slice(25, 40))):
+        with mrcfile.new(movies / f"mic{k + 1}.mrcs") as mrc:
+            mrc.set_data(images[rows])
+    blocks = starfile.read(simulated, always_dict=True)
+    names = [f"{i + 1:06d}@Extract/job012/Movies/mic1.mrcs" for i in range(25)]
+    names += [f"{i + 1:06d}@Extract/job012/Movies/mic2.mrcs" for i in range(15)]
+    blocks["particles"] = blocks["particles"].assign(
+        rlnImageName=names, rlnMicrographName="MotionCorr/job002/Movies/mic.mrc", rlnClassNumber=3
+    )
+    (project / "Select" / "job020").mkdir(parents=True)
+    starfile.write(blocks, project / "Select" / "job020" / "particles.star")
+    monkeypatch.chdir(project)  # RELION runs in its project directory
+    out = tmp_path / "run"
+    argv = ["train", "--particles", "Select/job020/particles.star", "--out", out, *PARTICLE_TINY]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "project directory" in stdout
+    table = star_table(out / "particles.star")
+    original = blocks["particles"]
+    assert table["rlnImageName"].tolist() == names  # unchanged
+    assert set(original.columns) <= set(table.columns)  # every input column kept
+    for column in ("rlnMicrographName", "rlnClassNumber", "rlnDefocusU", "rlnOpticsGroup"):
+        assert table[column].tolist() == original[column].tolist()
+    assert "rlnAnglePsi" in table and "pyroSvaeInputAnglePsi" in table  # 2-D input: RELION's pose columns
+    again = load_particles(out / "particles.star")  # the project's own path resolution: from its folder
+    assert torch.equal(again.images, data.images)
+    monkeypatch.chdir(tmp_path)
+    again = load_particles(out / "particles.star", project_dir=project)
+    assert torch.equal(again.images, data.images)
+
+
 def test_init_output_bias_is_refused_for_particles_with_a_ctf(capsys, simulated, tmp_path):
     argv = ["train", "--particles", simulated, "--init-output-bias", "--out", tmp_path / "run"]
     code, _, err = run(capsys, *argv, *PARTICLE_TINY)
@@ -886,7 +932,7 @@ def test_stack_with_ctf_star_preprocessing_and_no_ctf(capsys, simulated, tmp_pat
     assert spec["ctf_file"]["path"] == str(ctf_star.resolve())
     assert spec["preprocess"] == {"box": 12, "normalize": True, "invert": True, "mask_radius": 4.0}
     table = star_table(out / "particles.star")
-    assert len(table) == 40 and table["rlnImageName"].iloc[0] == "000001@../stack.mrcs"
+    assert len(table) == 40 and table["rlnImageName"].iloc[0] == f"000001@{stack.resolve()}"
     assert read_stack(stack).shape == (40, 16, 16)
 
     out = tmp_path / "no-ctf"

@@ -570,7 +570,8 @@ def test_write_posterior_star_for_a_bare_stack(tmp_path):
         tmp_path / "results" / "post.star", data, dx_mean=torch.zeros(3, 2), dx_std=torch.full((3,), 0.1)
     )
     table = starfile.read(out)
-    assert table["rlnImageName"].tolist() == [f"{i:06d}@../s.npy" for i in (1, 2, 3)]
+    stack = (tmp_path / "s.npy").resolve()
+    assert table["rlnImageName"].tolist() == [f"{i:06d}@{stack}" for i in (1, 2, 3)]
     assert table["pyroSvaeIndex"].tolist() == [0, 1, 2]
     np.testing.assert_allclose(table["pyroSvaeOriginStdAngst"], 0.1 * 3.5 * 2.0, rtol=1e-6)
     assert "rlnAnglePsi" not in table
@@ -578,3 +579,48 @@ def test_write_posterior_star_for_a_bare_stack(tmp_path):
         write_posterior_star(
             tmp_path / "p.star", ImageDataset(torch.zeros(2, 1, 4, 4)), dx_mean=torch.zeros(2, 2)
         )
+
+
+@pytest.mark.parametrize("layout", ["3.1", "3.0"])
+def test_export_of_the_real_relion_samples_keeps_every_column_and_image_name(tmp_path, monkeypatch, layout):
+    """relion_project's own files (tests/data/relion, RELION 3.1.3), and the same rows in RELION 3.0's
+    single-block layout, placed in a project folder and read from it as RELION would."""
+    from pathlib import Path
+
+    source = Path(__file__).parent / "data" / "relion"
+    project = tmp_path / "project"
+    (project / "Extract" / "job012").mkdir(parents=True)
+    (project / "Select" / "job020").mkdir(parents=True)
+    (project / "Extract" / "job012" / "poses_32.mrcs").write_bytes((source / "poses_32.mrcs").read_bytes())
+    blocks = starfile.read(source / "poses_32.star", always_dict=True)
+    particles, optics = blocks["particles"], blocks["optics"]
+    names = [f"{i + 1:06d}@Extract/job012/poses_32.mrcs" for i in range(len(particles))]
+    particles = particles.assign(rlnImageName=names)
+    if layout == "3.0":  # one block, optics columns on every row
+        merged = particles.merge(optics, on="rlnOpticsGroup").drop(
+            columns=["rlnOpticsGroup", "rlnOpticsGroupName", "rlnImageSize", "rlnImageDimensionality"]
+        )
+        star_blocks = {"": merged}
+    else:
+        star_blocks = {"optics": optics, "particles": particles}
+    star = project / "Select" / "job020" / "particles.star"
+    starfile.write(star_blocks, star)
+    written = starfile.read(star, always_dict=True)
+    original = written.get("particles", next(iter(written.values())))
+    monkeypatch.chdir(project)
+    data = load_particles("Select/job020/particles.star")
+    n = len(data)
+    out = write_posterior_star(
+        tmp_path / "elsewhere" / "posterior.star",
+        data,
+        theta_mean=torch.linspace(-3, 3, n),
+        dx_mean=torch.zeros(n, 2),
+        z_mean=torch.ones(n, 2),
+    )
+    table = starfile.read(out, always_dict=True)["particles"]
+    assert table["rlnImageName"].tolist() == names
+    for column in original.columns:  # 3-D poses (rlnAngleRot/Tilt): every input value as it was
+        np.testing.assert_array_equal(table[column].to_numpy(), original[column].to_numpy())
+    assert {"pyroSvaePsiDeg", "pyroSvaeOriginXAngst", "pyroSvaeZ2"} <= set(table.columns)
+    back = load_particles(out)  # from the project directory
+    torch.testing.assert_close(back.images, data.images, rtol=0, atol=0)

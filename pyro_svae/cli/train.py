@@ -937,6 +937,7 @@ def _finish(
             folder.particles_star, guide, every, draws=max(2, int(training["posterior_draws"]))
         )
         _say(f"{star.name}: {len(every)} particles with posterior poses, z and standard deviations")
+        _say(f"{star.name}: rlnImageName as in the input; read it from the input's project directory")
         note = posterior_pose_note(every)
         if note:
             _say(f"{star.name}: {note}")

@@ -369,12 +369,14 @@ def _truth_from_table(table: pd.DataFrame, source) -> dict:
     return truth
 
 
-def _resolve_stack(name: str, star_path: Path, row: int) -> Path:
+def _resolve_stack(name: str, star_path: Path, row: int, project_dir: Path | None = None) -> Path:
     relative = Path(name)
     if relative.is_absolute():
         candidates = [relative]
     else:
         candidates = [star_path.parent / relative, Path.cwd() / relative]
+        if project_dir is not None:
+            candidates.insert(0, project_dir / relative)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -383,7 +385,9 @@ def _resolve_stack(name: str, star_path: Path, row: int) -> Path:
     )
 
 
-def _images_from_star(table: pd.DataFrame, star_path: Path, mmap: bool) -> np.ndarray:
+def _images_from_star(
+    table: pd.DataFrame, star_path: Path, mmap: bool, project_dir: Path | None = None
+) -> np.ndarray:
     if "rlnImageName" not in table.columns:
         raise DataError(f"{star_path}: no rlnImageName column (expected 'index@stack.mrcs' per particle)")
     names = table["rlnImageName"].astype(str)
@@ -400,7 +404,7 @@ def _images_from_star(table: pd.DataFrame, star_path: Path, mmap: bool) -> np.nd
     rows_by_file = pd.Series(np.arange(len(table))).groupby(files, sort=False)
     for name, rows in rows_by_file:
         rows = rows.to_numpy()
-        stack_path = _resolve_stack(name, star_path, int(rows[0]))
+        stack_path = _resolve_stack(name, star_path, int(rows[0]), project_dir)
         stack = read_stack(stack_path, mmap=mmap)
         if out is None:
             out = np.empty((len(table), *stack.shape[1:]), dtype=np.float32)
@@ -438,6 +442,7 @@ def load_particles(
     require_ctf: bool = False,
     name: str | None = None,
     mmap: bool = True,
+    project_dir: str | os.PathLike | None = None,
 ) -> ImageDataset:
     """Cryo-EM particles from a RELION STAR file, or a stack with an optional CTF STAR file.
 
@@ -448,9 +453,11 @@ def load_particles(
     from ``pyroSvaeTrue*`` columns, ``source_index`` the STAR row, and ``info`` with ``pixel_size`` (Å; the
     single value of all rows; a bare stack uses ``pixel_size`` or the MRC header's voxel size, else None),
     ``star`` (the particle table as read), ``star_path``, ``optics`` (``None`` for RELION 3.0) and
-    ``box_size``.
+    ``box_size``. A relative stack path of ``rlnImageName`` is looked up in ``project_dir`` (RELION's
+    project directory) when given, then next to the STAR file, then in the working directory.
     """
     path = Path(path)
+    project = None if project_dir is None else Path(project_dir)
     suffix = path.suffix.lower()
     info: dict = {}
     particles = optics = table = None
@@ -461,7 +468,7 @@ def load_particles(
         star_path = _check_file(path)
         particles, optics = _read_star_blocks(star_path)
         table = _merge_optics(particles, optics, pixel_size, star_path)
-        stack = _images_from_star(table, star_path, mmap)
+        stack = _images_from_star(table, star_path, mmap, project)
     elif suffix in (".mrcs", ".mrc", ".npy"):
         stack = read_stack(path, mmap=mmap)
         info["stack_path"] = str(path)
@@ -858,8 +865,12 @@ def write_posterior_star(
     """Write a STAR file of the input particles plus posterior summaries; returns ``path``.
 
     Rows are the input STAR rows of the data set's particles (``dataset.info["star"]`` via
-    ``source_index``, in the input order; otherwise a minimal table with ``pyroSvaeIndex`` and, for a stack,
-    ``rlnImageName``). ``theta_mean`` ``(N,)`` radians and ``dx_mean`` ``(N, 2)`` grid units become
+    ``source_index``, in the input order, every input column kept; otherwise a minimal table with
+    ``pyroSvaeIndex``). ``rlnImageName`` is kept exactly as the input STAR gives it: RELION resolves it
+    against its project directory (the folder it runs in), so the written file is meant to be read from
+    the same project directory as the input STAR, wherever it is written. Particles from a stack (bare, or
+    with a CTF STAR file) get ``rlnImageName`` ``k@/absolute/path/of/the/stack``.
+    ``theta_mean`` ``(N,)`` radians and ``dx_mean`` ``(N, 2)`` grid units become
     ``rlnAnglePsi`` (degrees in ``[-180, 180)``) and ``rlnOriginXAngst``/``YAngst`` (the inputs' own pose
     columns are kept as ``pyroSvaeInput<name>``). An input STAR with 3-D poses (``rlnAngleRot`` or
     ``rlnAngleTilt``) keeps every pose column as it is; the means then become ``pyroSvaePsiDeg`` and
@@ -898,10 +909,11 @@ def write_posterior_star(
         table = star.iloc[source[order]].reset_index(drop=True)
     else:
         table = pd.DataFrame({"pyroSvaeIndex": source[order]})
-        stack = dataset.info.get("stack_path")
-        if stack:
-            relative = os.path.relpath(Path(stack).resolve(), path.resolve().parent)
-            table.insert(0, "rlnImageName", [f"{i + 1:06d}@{relative}" for i in source[order]])
+    stack = dataset.info.get("stack_path")
+    if stack:  # a bare stack, or a stack whose CTF rows came from a STAR file: row k is image k
+        absolute = Path(stack).resolve()
+        table = table.drop(columns="rlnImageName", errors="ignore")
+        table.insert(0, "rlnImageName", [f"{i + 1:06d}@{absolute}" for i in source[order]])
     stale = [c for c in table.columns if c.startswith(_POSTERIOR_PREFIXES)]
     table = table.drop(columns=stale)
 
