@@ -553,6 +553,7 @@ CONTRADICTIONS = {
     "non-positive size": (["--z-dim", "0"], "positive integer"),
     "resume and out": (["--resume", "somewhere", "--out", "x"], "cannot be given with --resume"),
     "particle option without particles": (["--box", "8"], "--particles only"),
+    "selection without particles": (["--ind", "keep.npy"], "--particles only"),
     "particles and data": (["--particles", "p.star"], "--particles gives the data"),
     "scale prior without scale": (["--scale-prior", "0.3"], "add --scale"),
     "learned scale prior without scale": (["--learn-scale-prior"], "add --scale"),
@@ -905,6 +906,27 @@ def test_star_exported_from_a_relion_project_opens_every_image_from_the_project(
     monkeypatch.chdir(tmp_path)
     again = load_particles(out / "particles.star", project_dir=project)
     assert torch.equal(again.images, data.images)
+
+
+def test_train_on_a_selection_of_particles(capsys, simulated, tmp_path):
+    keep = np.array([39, 0, 5, 7, 12, 13, 20, 21, 22, 30, 31, 33])
+    np.save(tmp_path / "keep.npy", keep)
+    out = tmp_path / "run"
+    argv = ["train", "--particles", simulated, "--ind", tmp_path / "keep.npy", "--test-size", "3"]
+    code, stdout, err = run(capsys, *argv, "--out", out, *PARTICLE_TINY)
+    assert code == 0, err
+    assert "9 training / 3 test images" in stdout and "particles.star: 12 particles" in stdout
+    spec = json.loads((out / "config.json").read_text())["data"]["particles"]
+    assert spec["ind"]["path"] == str((tmp_path / "keep.npy").resolve()) and len(spec["ind"]["sha256"]) == 64
+    table, original = star_table(out / "particles.star"), star_table(simulated)
+    assert table["rlnImageName"].tolist() == original["rlnImageName"].iloc[np.sort(keep)].tolist()
+    train, test = runs.load_data(json.loads((out / "config.json").read_text())["data"])
+    assert sorted(train.source_index.tolist() + test.source_index.tolist()) == sorted(keep.tolist())
+
+    (tmp_path / "bad.txt").write_text("1 2 40\n")
+    argv = ["train", "--particles", simulated, "--ind", tmp_path / "bad.txt", "--out", tmp_path / "r2"]
+    code, _, err = run(capsys, *argv, *PARTICLE_TINY)
+    assert_clean_error(code, err, "bad.txt", "index 40 is outside the 40 particles")
 
 
 def test_init_output_bias_is_refused_for_particles_with_a_ctf(capsys, simulated, tmp_path):

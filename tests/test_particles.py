@@ -23,6 +23,7 @@ from pyro_svae.data import (
     pose_to_relion,
     posterior_pose_note,
     preprocess_particles,
+    read_indices,
     read_stack,
     read_star,
     relion_to_pose,
@@ -624,3 +625,31 @@ def test_export_of_the_real_relion_samples_keeps_every_column_and_image_name(tmp
     assert {"pyroSvaePsiDeg", "pyroSvaeOriginXAngst", "pyroSvaeZ2"} <= set(table.columns)
     back = load_particles(out)  # from the project directory
     torch.testing.assert_close(back.images, data.images, rtol=0, atol=0)
+
+
+def test_read_indices_accepts_npy_and_txt_and_refuses_bad_selections(tmp_path):
+    np.save(tmp_path / "a.npy", np.array([4, 0, 2], dtype=np.int32))
+    assert read_indices(tmp_path / "a.npy", 5).tolist() == [4, 0, 2]
+    np.save(tmp_path / "f.npy", np.array([1.0, 3.0]))
+    assert read_indices(tmp_path / "f.npy", 5).tolist() == [1, 3]
+    (tmp_path / "a.txt").write_text("3\n1, 0\n")
+    assert read_indices(tmp_path / "a.txt", 5).tolist() == [3, 1, 0]
+    cases = {
+        "out.npy": (np.array([0, 5]), "index 5 is outside the 5 particles"),
+        "neg.npy": (np.array([-1]), "index -1 is outside"),
+        "dup.npy": (np.array([1, 2, 1]), "index 1 is selected more than once"),
+        "frac.npy": (np.array([0.5]), "is not an integer"),
+        "empty.npy": (np.array([], dtype=np.int64), "holds no indices"),
+        "mask.npy": (np.array([True, False]), "boolean mask"),
+        "grid.npy": (np.zeros((2, 2), dtype=np.int64), "expected a list of particle indices"),
+    }
+    for name, (values, message) in cases.items():
+        np.save(tmp_path / name, values)
+        with pytest.raises(DataError, match=message):
+            read_indices(tmp_path / name, 5)
+    (tmp_path / "words.txt").write_text("1 two\n")
+    with pytest.raises(DataError, match="'two' is not a particle index"):
+        read_indices(tmp_path / "words.txt", 5)
+    (tmp_path / "a.pkl").write_bytes(b"x")
+    with pytest.raises(DataError, match="expected .npy or .txt"):
+        read_indices(tmp_path / "a.pkl", 5)

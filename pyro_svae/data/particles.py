@@ -59,6 +59,7 @@ __all__ = [
     "pose_to_relion",
     "read_stack",
     "read_star",
+    "read_indices",
     "load_particles",
     "write_particles",
     "circular_mask",
@@ -312,6 +313,63 @@ def _numeric(table: pd.DataFrame, column: str, source) -> np.ndarray:
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{source}: column {column} holds a non-numeric or missing value at row {row}")
     return values
+
+
+def read_indices(path: str | os.PathLike, n: int) -> np.ndarray:
+    """A selection file of 0-based particle indices (cryoDRGN's ``--ind``): ``.npy`` (an integer array; a
+    pickled array is refused) or ``.txt`` (whitespace- or comma-separated integers). Returns int64 ``(k,)``
+    in the file's order; :class:`DataError` unless it is non-empty, integral, unique and within ``[0, n)``.
+    """
+    path = _check_file(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            values = np.load(path, allow_pickle=False)
+        elif suffix == ".txt":
+            values = np.array(path.read_text().replace(",", " ").split(), dtype=object)
+        else:
+            raise DataError(f"{path}: unknown selection file format {suffix!r} (expected .npy or .txt)")
+    except (ValueError, OSError) as error:
+        raise DataError(f"{path}: not a readable selection file ({error})") from None
+    values = np.asarray(values).reshape(-1) if np.ndim(values) <= 1 else values
+    if values.ndim != 1:
+        raise DataError(f"{path}: expected a list of particle indices, found shape {values.shape}")
+    if values.size == 0:
+        raise DataError(f"{path}: the selection holds no indices")
+    if values.dtype == object:  # text
+        try:
+            numbers = np.array([float(v) for v in values])
+        except ValueError:
+            bad = next(v for v in values if not _is_number(v))
+            raise DataError(f"{path}: {bad!r} is not a particle index") from None
+    elif np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating):
+        numbers = values.astype(np.float64)
+    elif values.dtype == np.bool_:
+        raise DataError(f"{path}: expected integer indices, found a boolean mask (use np.flatnonzero)")
+    else:
+        raise DataError(f"{path}: expected integer indices, found dtype {values.dtype}")
+    whole = np.isfinite(numbers) & (numbers == np.round(numbers))
+    if not whole.all():
+        raise DataError(f"{path}: index {values[~whole][0]!r} is not an integer")
+    indices = numbers.astype(np.int64)
+    outside = (indices < 0) | (indices >= n)
+    if outside.any():
+        raise DataError(
+            f"{path}: index {int(indices[outside][0])} is outside the {n} particles (0-based, 0..{n - 1}); "
+            f"{int(outside.sum())} index(es) out of range"
+        )
+    unique, counts = np.unique(indices, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"{path}: index {int(unique[counts > 1][0])} is selected more than once")
+    return indices
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _ctf_from_table(table: pd.DataFrame, require_ctf: bool, source) -> CTFParams | None:
