@@ -124,7 +124,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     cryo.add_argument(
         "--particles",
         metavar="FILE",
-        help="particle images: a RELION .star file (CTF and poses from its columns) or an "
+        help="particle images: a RELION .star or cryoSPARC .cs file (CTF from its columns) or an "
         ".mrcs/.mrc/.npy stack (then --ctf gives its CTF rows)",
     )
     cryo.add_argument(

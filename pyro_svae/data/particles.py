@@ -502,7 +502,10 @@ def load_particles(
     mmap: bool = True,
     project_dir: str | os.PathLike | None = None,
 ) -> ImageDataset:
-    """Cryo-EM particles from a RELION STAR file, or a stack with an optional CTF STAR file.
+    """Cryo-EM particles from a RELION STAR file, a cryoSPARC ``.cs`` file (:mod:`.cryosparc`: its blob
+    paths looked up in ``project_dir``, by default the ``.cs`` file's grandparent, cryoSPARC's project
+    directory above the job folder, then next to it and in the working directory; ``info["cs"]`` keeps
+    the array and ``info["star"]`` its RELION-style table), or a stack with an optional CTF STAR file.
 
     ``path`` is a ``.star`` file (images from ``rlnImageName`` ``k@stack.mrcs``) or an ``.mrcs``/``.mrc``/
     ``.npy`` stack, whose CTF rows (same count and order) come from ``ctf``. Returns images ``(N, 1, H, W)``
@@ -527,6 +530,18 @@ def load_particles(
         particles, optics = _read_star_blocks(star_path)
         table = _merge_optics(particles, optics, pixel_size, star_path)
         stack = _images_from_star(table, star_path, mmap, project)
+    elif suffix == ".cs":
+        from .cryosparc import cs_particle_table, read_cs
+
+        if ctf is not None:
+            raise DataError(f"{path}: ctf= is for stacks; a .cs file carries its own CTF fields")
+        star_path = _check_file(path)
+        array = read_cs(star_path)
+        particles = cs_particle_table(array, star_path)
+        table = _merge_optics(particles, None, pixel_size, star_path)
+        # cryoSPARC stores blob paths relative to its project directory, which holds the job folders
+        stack = _images_from_star(table, star_path, mmap, project or star_path.parent.parent)
+        info.update(cs=array, cs_path=str(star_path))
     elif suffix in (".mrcs", ".mrc", ".npy"):
         stack = read_stack(path, mmap=mmap)
         info["stack_path"] = str(path)
@@ -539,7 +554,9 @@ def load_particles(
                 raise DataError(f"{star_path}: {len(table)} CTF rows for {stack.shape[0]} images in {path}")
     else:
         _check_file(path)
-        raise DataError(f"{path}: unknown particle file format {suffix!r} (expected .star/.mrcs/.mrc/.npy)")
+        raise DataError(
+            f"{path}: unknown particle file format {suffix!r} (expected .star/.cs/.mrcs/.mrc/.npy)"
+        )
     n, box = stack.shape[0], stack.shape[-1]
     ctf_params = theta = dx = None
     truth: dict = {"factors": {}}

@@ -126,7 +126,7 @@ def data_spec(
     return spec
 
 
-PARTICLE_SUFFIXES = (".star", ".mrcs", ".mrc", ".npy")
+PARTICLE_SUFFIXES = (".star", ".cs", ".mrcs", ".mrc", ".npy")
 
 
 def particle_spec(
@@ -163,8 +163,8 @@ def particle_spec(
             f"{particles}: unknown particle file format {suffix or '(no suffix)'!r} "
             f"(expected {', '.join(PARTICLE_SUFFIXES)})"
         )
-    if ctf is not None and suffix == ".star":
-        raise ValueError("--ctf gives the CTF rows of a stack; a STAR file carries its own CTF columns")
+    if ctf is not None and suffix in (".star", ".cs"):
+        raise ValueError("--ctf gives the CTF rows of a stack; a STAR or .cs file carries its own CTF")
     if ctf is not None and not use_ctf:
         raise ValueError("--ctf and --no-ctf contradict each other")
     if pixel_size is not None and not 0 < pixel_size < math.inf:
