@@ -164,7 +164,7 @@ def particle_spec(
             f"(expected {', '.join(PARTICLE_SUFFIXES)})"
         )
     if ctf is not None and suffix in (".star", ".cs"):
-        raise ValueError("--ctf gives the CTF rows of a stack; a STAR or .cs file carries its own CTF")
+        raise ValueError("--ctf is for stacks; a STAR or .cs file carries its own CTF columns")
     if ctf is not None and not use_ctf:
         raise ValueError("--ctf and --no-ctf contradict each other")
     if pixel_size is not None and not 0 < pixel_size < math.inf:
