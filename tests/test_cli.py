@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pytest
 import torch
@@ -552,6 +553,7 @@ CONTRADICTIONS = {
     "non-positive size": (["--z-dim", "0"], "positive integer"),
     "resume and out": (["--resume", "somewhere", "--out", "x"], "cannot be given with --resume"),
     "particle option without particles": (["--box", "8"], "--particles only"),
+    "selection without particles": (["--ind", "keep.npy"], "--particles only"),
     "particles and data": (["--particles", "p.star"], "--particles gives the data"),
     "scale prior without scale": (["--scale-prior", "0.3"], "add --scale"),
     "learned scale prior without scale": (["--learn-scale-prior"], "add --scale"),
@@ -806,7 +808,9 @@ def test_train_on_simulated_particles_end_to_end(particle_run, simulated, capsys
 
     from pyro_svae.data import load_particles
 
-    again = load_particles(particle_run / "particles.star")  # the written file still finds its images
+    # rlnImageName as given: the written file finds its images from the input's project directory
+    assert table["rlnImageName"].tolist() == original["rlnImageName"].tolist()
+    again = load_particles(particle_run / "particles.star", project_dir=simulated.parent)
     assert torch.equal(again.images, load_particles(simulated).images)
 
     from PIL import Image
@@ -861,6 +865,70 @@ def test_particles_refined_in_3d_keep_their_poses_and_the_run_says_so(capsys, si
     assert {"pyroSvaePsiDeg", "pyroSvaeOriginXAngst", "pyroSvaePsiResultant"} <= set(table.columns)
 
 
+def test_star_exported_from_a_relion_project_opens_every_image_from_the_project(
+    capsys, simulated, tmp_path, monkeypatch
+):
+    import starfile
+
+    from pyro_svae.data import load_particles
+
+    data = load_particles(simulated, mmap=False)
+    project = tmp_path / "project"
+    movies = project / "Extract" / "job012" / "Movies"
+    movies.mkdir(parents=True)
+    images = data.images[:, 0].numpy()
+    for k, rows in enumerate((slice(0, 25), slice(25, 40))):
+        with mrcfile.new(movies / f"mic{k + 1}.mrcs") as mrc:
+            mrc.set_data(images[rows])
+    blocks = starfile.read(simulated, always_dict=True)
+    names = [f"{i + 1:06d}@Extract/job012/Movies/mic1.mrcs" for i in range(25)]
+    names += [f"{i + 1:06d}@Extract/job012/Movies/mic2.mrcs" for i in range(15)]
+    blocks["particles"] = blocks["particles"].assign(
+        rlnImageName=names, rlnMicrographName="MotionCorr/job002/Movies/mic.mrc", rlnClassNumber=3
+    )
+    (project / "Select" / "job020").mkdir(parents=True)
+    starfile.write(blocks, project / "Select" / "job020" / "particles.star")
+    monkeypatch.chdir(project)  # RELION runs in its project directory
+    out = tmp_path / "run"
+    argv = ["train", "--particles", "Select/job020/particles.star", "--out", out, *PARTICLE_TINY]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "project directory" in stdout
+    table = star_table(out / "particles.star")
+    original = blocks["particles"]
+    assert table["rlnImageName"].tolist() == names  # unchanged
+    assert set(original.columns) <= set(table.columns)  # every input column kept
+    for column in ("rlnMicrographName", "rlnClassNumber", "rlnDefocusU", "rlnOpticsGroup"):
+        assert table[column].tolist() == original[column].tolist()
+    assert "rlnAnglePsi" in table and "pyroSvaeInputAnglePsi" in table  # 2-D input: RELION's pose columns
+    again = load_particles(out / "particles.star")  # the project's own path resolution: from its folder
+    assert torch.equal(again.images, data.images)
+    monkeypatch.chdir(tmp_path)
+    again = load_particles(out / "particles.star", project_dir=project)
+    assert torch.equal(again.images, data.images)
+
+
+def test_train_on_a_selection_of_particles(capsys, simulated, tmp_path):
+    keep = np.array([39, 0, 5, 7, 12, 13, 20, 21, 22, 30, 31, 33])
+    np.save(tmp_path / "keep.npy", keep)
+    out = tmp_path / "run"
+    argv = ["train", "--particles", simulated, "--ind", tmp_path / "keep.npy", "--test-size", "3"]
+    code, stdout, err = run(capsys, *argv, "--out", out, *PARTICLE_TINY)
+    assert code == 0, err
+    assert "9 training / 3 test images" in stdout and "particles.star: 12 particles" in stdout
+    spec = json.loads((out / "config.json").read_text())["data"]["particles"]
+    assert spec["ind"]["path"] == str((tmp_path / "keep.npy").resolve()) and len(spec["ind"]["sha256"]) == 64
+    table, original = star_table(out / "particles.star"), star_table(simulated)
+    assert table["rlnImageName"].tolist() == original["rlnImageName"].iloc[np.sort(keep)].tolist()
+    train, test = runs.load_data(json.loads((out / "config.json").read_text())["data"])
+    assert sorted(train.source_index.tolist() + test.source_index.tolist()) == sorted(keep.tolist())
+
+    (tmp_path / "bad.txt").write_text("1 2 40\n")
+    argv = ["train", "--particles", simulated, "--ind", tmp_path / "bad.txt", "--out", tmp_path / "r2"]
+    code, _, err = run(capsys, *argv, *PARTICLE_TINY)
+    assert_clean_error(code, err, "bad.txt", "index 40 is outside the 40 particles")
+
+
 def test_init_output_bias_is_refused_for_particles_with_a_ctf(capsys, simulated, tmp_path):
     argv = ["train", "--particles", simulated, "--init-output-bias", "--out", tmp_path / "run"]
     code, _, err = run(capsys, *argv, *PARTICLE_TINY)
@@ -886,7 +954,7 @@ def test_stack_with_ctf_star_preprocessing_and_no_ctf(capsys, simulated, tmp_pat
     assert spec["ctf_file"]["path"] == str(ctf_star.resolve())
     assert spec["preprocess"] == {"box": 12, "normalize": True, "invert": True, "mask_radius": 4.0}
     table = star_table(out / "particles.star")
-    assert len(table) == 40 and table["rlnImageName"].iloc[0] == "000001@../stack.mrcs"
+    assert len(table) == 40 and table["rlnImageName"].iloc[0] == f"000001@{stack.resolve()}"
     assert read_stack(stack).shape == (40, 16, 16)
 
     out = tmp_path / "no-ctf"

@@ -23,6 +23,7 @@ from pyro_svae.data import (
     pose_to_relion,
     posterior_pose_note,
     preprocess_particles,
+    read_indices,
     read_stack,
     read_star,
     relion_to_pose,
@@ -570,7 +571,8 @@ def test_write_posterior_star_for_a_bare_stack(tmp_path):
         tmp_path / "results" / "post.star", data, dx_mean=torch.zeros(3, 2), dx_std=torch.full((3,), 0.1)
     )
     table = starfile.read(out)
-    assert table["rlnImageName"].tolist() == [f"{i:06d}@../s.npy" for i in (1, 2, 3)]
+    stack = (tmp_path / "s.npy").resolve()
+    assert table["rlnImageName"].tolist() == [f"{i:06d}@{stack}" for i in (1, 2, 3)]
     assert table["pyroSvaeIndex"].tolist() == [0, 1, 2]
     np.testing.assert_allclose(table["pyroSvaeOriginStdAngst"], 0.1 * 3.5 * 2.0, rtol=1e-6)
     assert "rlnAnglePsi" not in table
@@ -578,3 +580,191 @@ def test_write_posterior_star_for_a_bare_stack(tmp_path):
         write_posterior_star(
             tmp_path / "p.star", ImageDataset(torch.zeros(2, 1, 4, 4)), dx_mean=torch.zeros(2, 2)
         )
+
+
+@pytest.mark.parametrize("layout", ["3.1", "3.0"])
+def test_export_of_the_real_relion_samples_keeps_every_column_and_image_name(tmp_path, monkeypatch, layout):
+    """relion_project's own files (tests/data/relion, RELION 3.1.3), and the same rows in RELION 3.0's
+    single-block layout, placed in a project folder and read from it as RELION would."""
+    from pathlib import Path
+
+    source = Path(__file__).parent / "data" / "relion"
+    project = tmp_path / "project"
+    (project / "Extract" / "job012").mkdir(parents=True)
+    (project / "Select" / "job020").mkdir(parents=True)
+    (project / "Extract" / "job012" / "poses_32.mrcs").write_bytes((source / "poses_32.mrcs").read_bytes())
+    blocks = starfile.read(source / "poses_32.star", always_dict=True)
+    particles, optics = blocks["particles"], blocks["optics"]
+    names = [f"{i + 1:06d}@Extract/job012/poses_32.mrcs" for i in range(len(particles))]
+    particles = particles.assign(rlnImageName=names)
+    if layout == "3.0":  # one block, optics columns on every row
+        merged = particles.merge(optics, on="rlnOpticsGroup").drop(
+            columns=["rlnOpticsGroup", "rlnOpticsGroupName", "rlnImageSize", "rlnImageDimensionality"]
+        )
+        star_blocks = {"": merged}
+    else:
+        star_blocks = {"optics": optics, "particles": particles}
+    star = project / "Select" / "job020" / "particles.star"
+    starfile.write(star_blocks, star)
+    written = starfile.read(star, always_dict=True)
+    original = written.get("particles", next(iter(written.values())))
+    monkeypatch.chdir(project)
+    data = load_particles("Select/job020/particles.star")
+    n = len(data)
+    out = write_posterior_star(
+        tmp_path / "elsewhere" / "posterior.star",
+        data,
+        theta_mean=torch.linspace(-3, 3, n),
+        dx_mean=torch.zeros(n, 2),
+        z_mean=torch.ones(n, 2),
+    )
+    table = starfile.read(out, always_dict=True)["particles"]
+    assert table["rlnImageName"].tolist() == names
+    for column in original.columns:  # 3-D poses (rlnAngleRot/Tilt): every input value as it was
+        np.testing.assert_array_equal(table[column].to_numpy(), original[column].to_numpy())
+    assert {"pyroSvaePsiDeg", "pyroSvaeOriginXAngst", "pyroSvaeZ2"} <= set(table.columns)
+    back = load_particles(out)  # from the project directory
+    torch.testing.assert_close(back.images, data.images, rtol=0, atol=0)
+
+
+def test_read_indices_accepts_npy_and_txt_and_refuses_bad_selections(tmp_path):
+    np.save(tmp_path / "a.npy", np.array([4, 0, 2], dtype=np.int32))
+    assert read_indices(tmp_path / "a.npy", 5).tolist() == [4, 0, 2]
+    np.save(tmp_path / "f.npy", np.array([1.0, 3.0]))
+    assert read_indices(tmp_path / "f.npy", 5).tolist() == [1, 3]
+    (tmp_path / "a.txt").write_text("3\n1, 0\n")
+    assert read_indices(tmp_path / "a.txt", 5).tolist() == [3, 1, 0]
+    cases = {
+        "out.npy": (np.array([0, 5]), "index 5 is outside the 5 particles"),
+        "neg.npy": (np.array([-1]), "index -1 is outside"),
+        "dup.npy": (np.array([1, 2, 1]), "index 1 is selected more than once"),
+        "frac.npy": (np.array([0.5]), "is not an integer"),
+        "empty.npy": (np.array([], dtype=np.int64), "holds no indices"),
+        "mask.npy": (np.array([True, False]), "boolean mask"),
+        "grid.npy": (np.zeros((2, 2), dtype=np.int64), "expected a list of particle indices"),
+    }
+    for name, (values, message) in cases.items():
+        np.save(tmp_path / name, values)
+        with pytest.raises(DataError, match=message):
+            read_indices(tmp_path / name, 5)
+    (tmp_path / "words.txt").write_text("1 two\n")
+    with pytest.raises(DataError, match="'two' is not a particle index"):
+        read_indices(tmp_path / "words.txt", 5)
+    (tmp_path / "a.pkl").write_bytes(b"x")
+    with pytest.raises(DataError, match="expected .npy or .txt"):
+        read_indices(tmp_path / "a.pkl", 5)
+
+
+def _cryosparc_project(tmp_path, n=7, box=BOX, seed=8):
+    """A cryoSPARC project in its documented layout: the extraction job's stacks under ``J5/extract/``
+    and a particle ``.cs`` file of another job (``J7``), blob paths relative to the project directory."""
+    rng = np.random.default_rng(seed)
+    project = tmp_path / "P3"
+    (project / "J5" / "extract").mkdir(parents=True)
+    (project / "J7").mkdir()
+    images = rng.normal(size=(n, box, box)).astype(np.float32)
+    _write_mrcs(project / "J5" / "extract" / "mic_a_particles.mrc", images[:4])
+    _write_mrcs(project / "J5" / "extract" / "mic_b_particles.mrc", images[4:])
+    paths = [b"J5/extract/mic_a_particles.mrc"] * 4 + [b">J5/extract/mic_b_particles.mrc"] * (n - 4)
+    dtype = [
+        ("uid", "<u8"),
+        ("blob/path", "S40"),
+        ("blob/idx", "<u4"),
+        ("blob/shape", "<u4", (2,)),
+        ("blob/psize_A", "<f4"),
+        ("blob/sign", "<f4"),
+        ("ctf/type", "S1"),
+        ("ctf/accel_kv", "<f4"),
+        ("ctf/cs_mm", "<f4"),
+        ("ctf/amp_contrast", "<f4"),
+        ("ctf/df1_A", "<f4"),
+        ("ctf/df2_A", "<f4"),
+        ("ctf/df_angle_rad", "<f4"),
+        ("ctf/phase_shift_rad", "<f4"),
+        ("ctf/bfactor", "<f4"),
+        ("alignments2D/pose", "<f4"),
+        ("alignments2D/shift", "<f4", (2,)),
+    ]
+    cs = np.zeros(n, dtype=dtype)
+    cs["uid"] = rng.integers(1, 2**63, size=n, dtype=np.uint64)
+    cs["blob/path"] = paths
+    cs["blob/idx"] = [0, 1, 2, 3, 0, 1, 2][:n]
+    cs["blob/shape"] = box
+    cs["blob/psize_A"] = 1.5
+    cs["blob/sign"] = -1
+    cs["ctf/accel_kv"], cs["ctf/cs_mm"], cs["ctf/amp_contrast"] = 300, 2.7, 0.07
+    cs["ctf/df1_A"] = rng.uniform(10000, 20000, n)
+    cs["ctf/df2_A"] = cs["ctf/df1_A"] - 300
+    cs["ctf/df_angle_rad"] = rng.uniform(-np.pi, np.pi, n)
+    cs["ctf/phase_shift_rad"] = 0.25
+    cs["alignments2D/pose"] = rng.uniform(-np.pi, np.pi, n)
+    with open(project / "J7" / "J7_particles.cs", "wb") as handle:
+        np.save(handle, cs)
+    return project, cs, images
+
+
+def test_cryosparc_cs_particles_and_posterior_round_trip(tmp_path, monkeypatch):
+    from pyro_svae.data import read_cs, write_posterior_cs
+
+    project, cs, images = _cryosparc_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    data = load_particles(project / "J7" / "J7_particles.cs")  # blob paths from the project directory
+    np.testing.assert_array_equal(data.images[:, 0].numpy(), images)
+    assert data.info["pixel_size"] == 1.5 and data.theta is None and data.dx is None
+    ctf = data.ctf
+    np.testing.assert_allclose(ctf.defocus_u.numpy(), cs["ctf/df1_A"], rtol=1e-6)
+    np.testing.assert_allclose(ctf.defocus_v.numpy(), cs["ctf/df2_A"], rtol=1e-6)
+    np.testing.assert_allclose(ctf.defocus_angle.numpy(), np.rad2deg(cs["ctf/df_angle_rad"]), rtol=1e-5)
+    np.testing.assert_allclose(ctf.phase_shift.numpy(), np.rad2deg(0.25), rtol=1e-5)
+    np.testing.assert_allclose(ctf.voltage.numpy(), 300.0)
+    np.testing.assert_allclose(ctf.amplitude_contrast.numpy(), 0.07, rtol=1e-6)
+    # elsewhere, with the project named
+    moved = tmp_path / "copy.cs"
+    moved.write_bytes((project / "J7" / "J7_particles.cs").read_bytes())
+    with pytest.raises(DataError, match="not found"):
+        load_particles(moved)
+    assert torch.equal(load_particles(moved, project_dir=project).images, data.images)
+
+    n = len(data)
+    subset = data.subset([6, 2, 0, 4, 1, 5, 3])  # shuffled: the export goes back to the input order
+    order = np.argsort(subset.source_index.numpy())
+    gen = torch.Generator().manual_seed(3)
+    theta, dx = torch.randn(n, generator=gen) * 4, torch.randn(n, 2, generator=gen) * 0.1
+    z, z_std = torch.randn(n, 3, generator=gen), torch.rand(n, 3, generator=gen)
+    out = write_posterior_cs(
+        tmp_path / "out" / "posterior.cs",
+        subset,
+        theta_mean=theta,
+        theta_std=torch.full((n,), 0.2),
+        dx_mean=dx,
+        dx_std=torch.full((n, 2), 0.01),
+        z_mean=z,
+        z_std=z_std,
+    )
+    written = np.load(out)
+    assert written.dtype["uid"] == np.uint64 and written["uid"].tolist() == cs["uid"].tolist()
+    assert {"pyro_svae/theta", "pyro_svae/theta_std", "pyro_svae/dx", "pyro_svae/z_std"} <= set(
+        written.dtype.names
+    )
+    assert written.dtype["pyro_svae/z"].shape == (3,) and written.dtype["pyro_svae/dx"].shape == (2,)
+    np.testing.assert_allclose(written["pyro_svae/z"], z[order].numpy(), rtol=1e-6)
+    wrapped = torch.atan2(theta.sin(), theta.cos())[order].numpy()
+    np.testing.assert_allclose(np.cos(written["pyro_svae/theta"] - wrapped), 1.0, atol=1e-6)
+    assert (np.abs(written["pyro_svae/theta"]) <= np.pi).all()
+    joined = {int(u): row for row, u in enumerate(written["uid"])}  # cryoSPARC joins on uid
+    assert [joined[int(u)] for u in cs["uid"]] == list(range(n))
+    # the STAR export of .cs particles: blob paths as RELION image names, read from the project
+    star = write_posterior_star(tmp_path / "out" / "posterior.star", subset, theta_mean=theta)
+    table = read_star(star)
+    assert table["rlnImageName"].iloc[4] == "000001@J5/extract/mic_b_particles.mrc"
+    assert table["pyroSvaeCryosparcUid"].astype(np.uint64).tolist() == cs["uid"].tolist()
+    again = load_particles(star, project_dir=project)
+    assert torch.equal(again.images, data.images)
+    torch.testing.assert_close(again.ctf.defocus_angle, data.ctf.defocus_angle)
+    # refusals
+    np.save(tmp_path / "plain.npy", np.zeros(3, dtype=[("uid", "<u8")]))
+    (tmp_path / "plain.npy").rename(tmp_path / "plain.cs")
+    with pytest.raises(DataError, match="no blob/path or blob/idx"):
+        read_cs(tmp_path / "plain.cs")
+    with pytest.raises(DataError, match="needs particles read from a .cs file"):
+        write_posterior_cs(tmp_path / "x.cs", load_particles(star, project_dir=project), z_mean=z)

@@ -124,11 +124,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     cryo.add_argument(
         "--particles",
         metavar="FILE",
-        help="particle images: a RELION .star file (CTF and poses from its columns) or an "
+        help="particle images: a RELION .star or cryoSPARC .cs file (CTF from its columns) or an "
         ".mrcs/.mrc/.npy stack (then --ctf gives its CTF rows)",
     )
     cryo.add_argument(
         "--ctf", metavar="FILE.star", help="CTF parameters of a --particles stack, one row per image"
+    )
+    cryo.add_argument(
+        "--ind",
+        metavar="FILE",
+        help="train on these particles only: 0-based indices, .npy or .txt (as cryoDRGN's --ind)",
     )
     cryo.add_argument(
         "--pixel-size",
@@ -416,10 +421,10 @@ _OPTION_KEYS = (
     "encoder_hidden_dim encoder_layers decoder_hidden_dim decoder_layers activation vanilla no_rotate "
     "no_translate theta_prior dx_prior likelihood learning_rate batch_size epochs device seed "
     "eval_particles posterior_draws out overwrite particles ctf pixel_size no_ctf box no_normalize "
-    "invert mask_radius scale scale_prior learn_scale_prior augment_rotation canonicalize pose_search "
+    "invert mask_radius ind scale scale_prior learn_scale_prior augment_rotation canonicalize pose_search "
     "pose_search_mode pixel_subsample compile precision psf_fwhm coord_frequency"
 ).split()
-_PARTICLE_OPTIONS = ("ctf", "pixel_size", "no_ctf", "box", "no_normalize", "invert", "mask_radius")
+_PARTICLE_OPTIONS = ("ctf", "ind", "pixel_size", "no_ctf", "box", "no_normalize", "invert", "mask_radius")
 
 
 def _flag(key: str) -> str:
@@ -623,6 +628,7 @@ def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
             normalize=not args.no_normalize,
             invert=bool(args.invert),
             mask_radius=args.mask_radius,
+            ind=args.ind,
             test_size=args.test_size,
             train_size=args.train_size,
         )
@@ -937,6 +943,7 @@ def _finish(
             folder.particles_star, guide, every, draws=max(2, int(training["posterior_draws"]))
         )
         _say(f"{star.name}: {len(every)} particles with posterior poses, z and standard deviations")
+        _say(f"{star.name}: rlnImageName as in the input; read it from the input's project directory")
         note = posterior_pose_note(every)
         if note:
             _say(f"{star.name}: {note}")

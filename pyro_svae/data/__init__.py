@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from .cryosparc import read_cs, write_posterior_cs
 from .datasets import DataError, ImageDataset, as_image_tensor
 from .galaxies import hubble_deep_field, simulated_galaxies
 from .loaders import load_idx, load_image_folder, load_images, load_npy, read_idx, read_npy
@@ -14,6 +15,7 @@ from .particles import (
     pose_to_relion,
     posterior_pose_note,
     preprocess_particles,
+    read_indices,
     read_stack,
     read_star,
     relion_to_pose,
@@ -76,6 +78,9 @@ __all__ = [
     "posed_mnist",
     "rotated_mnist",
     "rotated_translated_mnist",
+    "read_indices",
+    "read_cs",
+    "write_posterior_cs",
     "read_stack",
     "read_star",
     "load_particles",

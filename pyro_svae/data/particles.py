@@ -59,6 +59,7 @@ __all__ = [
     "pose_to_relion",
     "read_stack",
     "read_star",
+    "read_indices",
     "load_particles",
     "write_particles",
     "circular_mask",
@@ -314,6 +315,63 @@ def _numeric(table: pd.DataFrame, column: str, source) -> np.ndarray:
     return values
 
 
+def read_indices(path: str | os.PathLike, n: int) -> np.ndarray:
+    """A selection file of 0-based particle indices (cryoDRGN's ``--ind``): ``.npy`` (an integer array; a
+    pickled array is refused) or ``.txt`` (whitespace- or comma-separated integers). Returns int64 ``(k,)``
+    in the file's order; :class:`DataError` unless it is non-empty, integral, unique and within ``[0, n)``.
+    """
+    path = _check_file(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            values = np.load(path, allow_pickle=False)
+        elif suffix == ".txt":
+            values = np.array(path.read_text().replace(",", " ").split(), dtype=object)
+        else:
+            raise DataError(f"{path}: unknown selection file format {suffix!r} (expected .npy or .txt)")
+    except (ValueError, OSError) as error:
+        raise DataError(f"{path}: not a readable selection file ({error})") from None
+    values = np.asarray(values).reshape(-1) if np.ndim(values) <= 1 else values
+    if values.ndim != 1:
+        raise DataError(f"{path}: expected a list of particle indices, found shape {values.shape}")
+    if values.size == 0:
+        raise DataError(f"{path}: the selection holds no indices")
+    if values.dtype == object:  # text
+        try:
+            numbers = np.array([float(v) for v in values])
+        except ValueError:
+            bad = next(v for v in values if not _is_number(v))
+            raise DataError(f"{path}: {bad!r} is not a particle index") from None
+    elif np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating):
+        numbers = values.astype(np.float64)
+    elif values.dtype == np.bool_:
+        raise DataError(f"{path}: expected integer indices, found a boolean mask (use np.flatnonzero)")
+    else:
+        raise DataError(f"{path}: expected integer indices, found dtype {values.dtype}")
+    whole = np.isfinite(numbers) & (numbers == np.round(numbers))
+    if not whole.all():
+        raise DataError(f"{path}: index {values[~whole][0]!r} is not an integer")
+    indices = numbers.astype(np.int64)
+    outside = (indices < 0) | (indices >= n)
+    if outside.any():
+        raise DataError(
+            f"{path}: index {int(indices[outside][0])} is outside the {n} particles (0-based, 0..{n - 1}); "
+            f"{int(outside.sum())} index(es) out of range"
+        )
+    unique, counts = np.unique(indices, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"{path}: index {int(unique[counts > 1][0])} is selected more than once")
+    return indices
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _ctf_from_table(table: pd.DataFrame, require_ctf: bool, source) -> CTFParams | None:
     required = [column for column in _CTF_COLUMNS if column not in _CTF_OPTIONAL]
     missing = [column for column in required if column not in table.columns]
@@ -369,12 +427,14 @@ def _truth_from_table(table: pd.DataFrame, source) -> dict:
     return truth
 
 
-def _resolve_stack(name: str, star_path: Path, row: int) -> Path:
+def _resolve_stack(name: str, star_path: Path, row: int, project_dir: Path | None = None) -> Path:
     relative = Path(name)
     if relative.is_absolute():
         candidates = [relative]
     else:
         candidates = [star_path.parent / relative, Path.cwd() / relative]
+        if project_dir is not None:
+            candidates.insert(0, project_dir / relative)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -383,7 +443,9 @@ def _resolve_stack(name: str, star_path: Path, row: int) -> Path:
     )
 
 
-def _images_from_star(table: pd.DataFrame, star_path: Path, mmap: bool) -> np.ndarray:
+def _images_from_star(
+    table: pd.DataFrame, star_path: Path, mmap: bool, project_dir: Path | None = None
+) -> np.ndarray:
     if "rlnImageName" not in table.columns:
         raise DataError(f"{star_path}: no rlnImageName column (expected 'index@stack.mrcs' per particle)")
     names = table["rlnImageName"].astype(str)
@@ -400,7 +462,7 @@ def _images_from_star(table: pd.DataFrame, star_path: Path, mmap: bool) -> np.nd
     rows_by_file = pd.Series(np.arange(len(table))).groupby(files, sort=False)
     for name, rows in rows_by_file:
         rows = rows.to_numpy()
-        stack_path = _resolve_stack(name, star_path, int(rows[0]))
+        stack_path = _resolve_stack(name, star_path, int(rows[0]), project_dir)
         stack = read_stack(stack_path, mmap=mmap)
         if out is None:
             out = np.empty((len(table), *stack.shape[1:]), dtype=np.float32)
@@ -438,8 +500,12 @@ def load_particles(
     require_ctf: bool = False,
     name: str | None = None,
     mmap: bool = True,
+    project_dir: str | os.PathLike | None = None,
 ) -> ImageDataset:
-    """Cryo-EM particles from a RELION STAR file, or a stack with an optional CTF STAR file.
+    """Cryo-EM particles from a RELION STAR file, a cryoSPARC ``.cs`` file (:mod:`.cryosparc`: its blob
+    paths looked up in ``project_dir``, by default the ``.cs`` file's grandparent, cryoSPARC's project
+    directory above the job folder, then next to it and in the working directory; ``info["cs"]`` keeps
+    the array and ``info["star"]`` its RELION-style table), or a stack with an optional CTF STAR file.
 
     ``path`` is a ``.star`` file (images from ``rlnImageName`` ``k@stack.mrcs``) or an ``.mrcs``/``.mrc``/
     ``.npy`` stack, whose CTF rows (same count and order) come from ``ctf``. Returns images ``(N, 1, H, W)``
@@ -448,9 +514,11 @@ def load_particles(
     from ``pyroSvaeTrue*`` columns, ``source_index`` the STAR row, and ``info`` with ``pixel_size`` (Å; the
     single value of all rows; a bare stack uses ``pixel_size`` or the MRC header's voxel size, else None),
     ``star`` (the particle table as read), ``star_path``, ``optics`` (``None`` for RELION 3.0) and
-    ``box_size``.
+    ``box_size``. A relative stack path of ``rlnImageName`` is looked up in ``project_dir`` (RELION's
+    project directory) when given, then next to the STAR file, then in the working directory.
     """
     path = Path(path)
+    project = None if project_dir is None else Path(project_dir)
     suffix = path.suffix.lower()
     info: dict = {}
     particles = optics = table = None
@@ -461,7 +529,19 @@ def load_particles(
         star_path = _check_file(path)
         particles, optics = _read_star_blocks(star_path)
         table = _merge_optics(particles, optics, pixel_size, star_path)
-        stack = _images_from_star(table, star_path, mmap)
+        stack = _images_from_star(table, star_path, mmap, project)
+    elif suffix == ".cs":
+        from .cryosparc import cs_particle_table, read_cs
+
+        if ctf is not None:
+            raise DataError(f"{path}: ctf= is for stacks; a .cs file carries its own CTF fields")
+        star_path = _check_file(path)
+        array = read_cs(star_path)
+        particles = cs_particle_table(array, star_path)
+        table = _merge_optics(particles, None, pixel_size, star_path)
+        # cryoSPARC stores blob paths relative to its project directory, which holds the job folders
+        stack = _images_from_star(table, star_path, mmap, project or star_path.parent.parent)
+        info.update(cs=array, cs_path=str(star_path))
     elif suffix in (".mrcs", ".mrc", ".npy"):
         stack = read_stack(path, mmap=mmap)
         info["stack_path"] = str(path)
@@ -474,7 +554,9 @@ def load_particles(
                 raise DataError(f"{star_path}: {len(table)} CTF rows for {stack.shape[0]} images in {path}")
     else:
         _check_file(path)
-        raise DataError(f"{path}: unknown particle file format {suffix!r} (expected .star/.mrcs/.mrc/.npy)")
+        raise DataError(
+            f"{path}: unknown particle file format {suffix!r} (expected .star/.cs/.mrcs/.mrc/.npy)"
+        )
     n, box = stack.shape[0], stack.shape[-1]
     ctf_params = theta = dx = None
     truth: dict = {"factors": {}}
@@ -858,8 +940,12 @@ def write_posterior_star(
     """Write a STAR file of the input particles plus posterior summaries; returns ``path``.
 
     Rows are the input STAR rows of the data set's particles (``dataset.info["star"]`` via
-    ``source_index``, in the input order; otherwise a minimal table with ``pyroSvaeIndex`` and, for a stack,
-    ``rlnImageName``). ``theta_mean`` ``(N,)`` radians and ``dx_mean`` ``(N, 2)`` grid units become
+    ``source_index``, in the input order, every input column kept; otherwise a minimal table with
+    ``pyroSvaeIndex``). ``rlnImageName`` is kept exactly as the input STAR gives it: RELION resolves it
+    against its project directory (the folder it runs in), so the written file is meant to be read from
+    the same project directory as the input STAR, wherever it is written. Particles from a stack (bare, or
+    with a CTF STAR file) get ``rlnImageName`` ``k@/absolute/path/of/the/stack``.
+    ``theta_mean`` ``(N,)`` radians and ``dx_mean`` ``(N, 2)`` grid units become
     ``rlnAnglePsi`` (degrees in ``[-180, 180)``) and ``rlnOriginXAngst``/``YAngst`` (the inputs' own pose
     columns are kept as ``pyroSvaeInput<name>``). An input STAR with 3-D poses (``rlnAngleRot`` or
     ``rlnAngleTilt``) keeps every pose column as it is; the means then become ``pyroSvaePsiDeg`` and
@@ -898,10 +984,11 @@ def write_posterior_star(
         table = star.iloc[source[order]].reset_index(drop=True)
     else:
         table = pd.DataFrame({"pyroSvaeIndex": source[order]})
-        stack = dataset.info.get("stack_path")
-        if stack:
-            relative = os.path.relpath(Path(stack).resolve(), path.resolve().parent)
-            table.insert(0, "rlnImageName", [f"{i + 1:06d}@{relative}" for i in source[order]])
+    stack = dataset.info.get("stack_path")
+    if stack:  # a bare stack, or a stack whose CTF rows came from a STAR file: row k is image k
+        absolute = Path(stack).resolve()
+        table = table.drop(columns="rlnImageName", errors="ignore")
+        table.insert(0, "rlnImageName", [f"{i + 1:06d}@{absolute}" for i in source[order]])
     stale = [c for c in table.columns if c.startswith(_POSTERIOR_PREFIXES)]
     table = table.drop(columns=stale)
 

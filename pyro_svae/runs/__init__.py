@@ -49,6 +49,7 @@ from .dataspec import (
     load_data,
     load_dataset,
     particle_spec,
+    select_particles,
 )
 from .exports import write_particles_star
 from .folder import (
@@ -100,6 +101,7 @@ __all__ = [
     "load_data",
     "load_dataset",
     "particle_spec",
+    "select_particles",
     "write_particles_star",
     "EVALUATION_FILES",
     "FIGURES",

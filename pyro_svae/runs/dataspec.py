@@ -22,6 +22,7 @@ from ..data import (
     load_images,
     load_particles,
     preprocess_particles,
+    read_indices,
 )
 from ..data.loaders import _FOLDER_SUFFIXES, _suffix
 
@@ -125,7 +126,7 @@ def data_spec(
     return spec
 
 
-PARTICLE_SUFFIXES = (".star", ".mrcs", ".mrc", ".npy")
+PARTICLE_SUFFIXES = (".star", ".cs", ".mrcs", ".mrc", ".npy")
 
 
 def particle_spec(
@@ -138,6 +139,7 @@ def particle_spec(
     normalize: bool = True,
     invert: bool = False,
     mask_radius: float | None = None,
+    ind: str | os.PathLike | None = None,
     test_size: float | None = None,
     train_size: int | None = None,
     seed: int = 0,
@@ -148,7 +150,8 @@ def particle_spec(
     ``use_ctf=False`` drops the CTF parameters even when the data carry them; a ``ctf`` file must carry
     CTF columns. ``pixel_size`` (Å) fills in for data that lack it. The particles are then preprocessed
     (:func:`~pyro_svae.data.preprocess_particles`: ``invert``, Fourier crop to ``box``, ``normalize``
-    with ``mask_radius``) and split as files are.
+    with ``mask_radius``) and split as files are. ``ind`` is a selection file of 0-based particle
+    indices (``.npy``/``.txt``, :func:`~pyro_svae.data.read_indices`), applied before the split.
     """
     if test_size is not None and not test_size > 0:
         raise ValueError(f"--test-size must be positive (a count, or a fraction below 1), got {test_size}")
@@ -160,8 +163,8 @@ def particle_spec(
             f"{particles}: unknown particle file format {suffix or '(no suffix)'!r} "
             f"(expected {', '.join(PARTICLE_SUFFIXES)})"
         )
-    if ctf is not None and suffix == ".star":
-        raise ValueError("--ctf gives the CTF rows of a stack; a STAR file carries its own CTF columns")
+    if ctf is not None and suffix in (".star", ".cs"):
+        raise ValueError("--ctf is for stacks; a STAR or .cs file carries its own CTF columns")
     if ctf is not None and not use_ctf:
         raise ValueError("--ctf and --no-ctf contradict each other")
     if pixel_size is not None and not 0 < pixel_size < math.inf:
@@ -170,10 +173,14 @@ def particle_spec(
         raise ValueError(f"--box must be at least 2 pixels, got {box}")
     if mask_radius is not None and not mask_radius > 0:
         raise ValueError(f"--mask-radius must be a positive number of pixels, got {mask_radius}")
+    ind_entry = _file_entry(ind)
+    if ind_entry is not None and Path(ind).suffix.lower() not in (".npy", ".txt"):
+        raise DataError(f"{ind}: unknown selection file format (expected .npy or .txt of particle indices)")
     return {
         "particles": {
             "file": _file_entry(particles),
             "ctf_file": _file_entry(ctf),
+            "ind": ind_entry,
             "pixel_size": pixel_size,
             "use_ctf": bool(use_ctf),
             "preprocess": {
@@ -215,9 +222,17 @@ def _load_file(entry: Mapping[str, Any], labels: Mapping[str, str] | None) -> Im
     return load_images(entry["path"], None if labels is None else labels["path"])
 
 
+def select_particles(data: ImageDataset, ind: str | os.PathLike) -> ImageDataset:
+    """The particles of ``data`` that a selection file (0-based indices, ``.npy``/``.txt``) names, in its
+    order (``source_index`` still points at the input rows)."""
+    selected = data.subset(read_indices(ind, len(data)))
+    selected.name = data.name
+    return selected
+
+
 def _load_particles(spec: Mapping[str, Any]) -> ImageDataset:
-    entry, ctf_entry = spec["file"], spec.get("ctf_file")
-    for item in (entry, ctf_entry):
+    entry, ctf_entry, ind_entry = spec["file"], spec.get("ctf_file"), spec.get("ind")
+    for item in (entry, ctf_entry, ind_entry):
         if item is not None:
             _check_unchanged(item)
     use_ctf = bool(spec.get("use_ctf", True))
@@ -229,6 +244,8 @@ def _load_particles(spec: Mapping[str, Any]) -> ImageDataset:
     )
     if not use_ctf and data.ctf is not None:
         data = replace(data, ctf=None)
+    if ind_entry is not None:
+        data = select_particles(data, ind_entry["path"])
     options = spec.get("preprocess") or {}
     return preprocess_particles(
         data,
