@@ -136,6 +136,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="train on these particles only: 0-based indices, .npy or .txt (as cryoDRGN's --ind)",
     )
     cryo.add_argument(
+        "--cache-images",
+        choices=runs.CACHE_CHOICES,
+        help="read the particles into memory once: 'auto' when they take at most 1 GiB, else they are read "
+        "from their stacks batch by batch (default: auto)",
+    )
+    cryo.add_argument(
         "--pixel-size",
         type=positive_float,
         metavar="A",
@@ -421,10 +427,21 @@ _OPTION_KEYS = (
     "encoder_hidden_dim encoder_layers decoder_hidden_dim decoder_layers activation vanilla no_rotate "
     "no_translate theta_prior dx_prior likelihood learning_rate batch_size epochs device seed "
     "eval_particles posterior_draws out overwrite particles ctf pixel_size no_ctf box no_normalize "
-    "invert mask_radius ind scale scale_prior learn_scale_prior augment_rotation canonicalize pose_search "
+    "invert mask_radius ind cache_images scale scale_prior learn_scale_prior augment_rotation canonicalize "
+    "pose_search "
     "pose_search_mode pixel_subsample compile precision psf_fwhm coord_frequency"
 ).split()
-_PARTICLE_OPTIONS = ("ctf", "ind", "pixel_size", "no_ctf", "box", "no_normalize", "invert", "mask_radius")
+_PARTICLE_OPTIONS = (
+    "ctf",
+    "ind",
+    "cache_images",
+    "pixel_size",
+    "no_ctf",
+    "box",
+    "no_normalize",
+    "invert",
+    "mask_radius",
+)
 
 
 def _flag(key: str) -> str:
@@ -629,6 +646,7 @@ def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
             invert=bool(args.invert),
             mask_radius=args.mask_radius,
             ind=args.ind,
+            cache=args.cache_images or "auto",
             test_size=args.test_size,
             train_size=args.train_size,
         )
@@ -1006,7 +1024,8 @@ def _diverged(
     checkpoint with a smaller learning rate (``restored``: the folder holds the run ``--overwrite`` was
     replacing again, not this one); exit status 2."""
     smaller = f"--learning-rate {learning_rate / 10:g}"
-    scale = f"pixel values: mean {float(train.images.mean()):.3g}, std {float(train.images.std()):.3g}"
+    images = train.checkable_images()
+    scale = f"pixel values: mean {float(images.mean()):.3g}, std {float(images.std()):.3g}"
     epoch = None if restored else _last_checkpoint(folder)
     if epoch is None:
         then = (

@@ -3,7 +3,7 @@
 import numpy as np
 
 from .cryosparc import read_cs, write_posterior_cs
-from .datasets import DataError, ImageDataset, as_image_tensor
+from .datasets import DataError, ImageDataset, LazyImages, as_image_tensor
 from .galaxies import hubble_deep_field, simulated_galaxies
 from .loaders import load_idx, load_image_folder, load_images, load_npy, read_idx, read_npy
 from .mnist import mnist_digits, posed_mnist, rotated_mnist, rotated_translated_mnist
@@ -23,6 +23,7 @@ from .particles import (
     write_posterior_star,
 )
 from .simulate import hinge_model, hinge_weights, read_atomic_model, read_density_map, simulate_particles
+from .stream import ParticleImages, stack_file
 
 
 def _split(full: ImageDataset, *, test_size: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
@@ -61,6 +62,9 @@ BUILTIN = {
 PARTICLE_BUILTINS = ("simulated_particles",)
 
 __all__ = [
+    "LazyImages",
+    "ParticleImages",
+    "stack_file",
     "BUILTIN",
     "PARTICLE_BUILTINS",
     "DataError",

@@ -10,11 +10,28 @@ import torch
 
 from ..ctf import CTFParams
 
-__all__ = ["ImageDataset", "as_image_tensor", "DataError"]
+__all__ = ["ImageDataset", "LazyImages", "as_image_tensor", "DataError"]
 
 
 class DataError(ValueError):
     """Data that cannot be used: wrong shape, non-finite values, empty, unreadable."""
+
+
+class LazyImages:
+    """Images ``(N, C, H, W)`` that stay where they are until indexed (see :mod:`.stream`): ``shape``,
+    ``len``, ``images[key] -> torch.Tensor`` (read now, checked for NaN and Inf then), ``split(k)``, and
+    ``take(key)``, a selection that reads nothing."""
+
+    shape: torch.Size
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        raise NotImplementedError
+
+    def take(self, key) -> LazyImages:
+        raise NotImplementedError
 
 
 def as_image_tensor(images, *, source: str = "images") -> torch.Tensor:
@@ -81,7 +98,7 @@ class ImageDataset:
     coordinate, an axis ratio), sliced with the images.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | LazyImages
     theta: torch.Tensor | None = None
     dx: torch.Tensor | None = None
     labels: torch.Tensor | None = None
@@ -93,7 +110,8 @@ class ImageDataset:
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.images = as_image_tensor(self.images, source=self.name)
+        if not isinstance(self.images, LazyImages):
+            self.images = as_image_tensor(self.images, source=self.name)
         n = self.images.shape[0]
         self.theta = _optional(self.theta, n, (), f"{self.name}.theta", torch.float32)
         self.dx = _optional(self.dx, n, (2,), f"{self.name}.dx", torch.float32)
@@ -113,6 +131,13 @@ class ImageDataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def checkable_images(self, limit: int = 1000) -> torch.Tensor:
+        """The images, when in memory; for :class:`LazyImages` an evenly spaced sample of about ``limit``,
+        read now (for value checks and summaries that need not read the whole set)."""
+        if isinstance(self.images, torch.Tensor):
+            return self.images
+        return self.images[:: max(1, len(self) // limit)]
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)``."""
@@ -125,7 +150,9 @@ class ImageDataset:
         for f in fields(self):
             value = getattr(self, f.name)
             sliceable = isinstance(value, (torch.Tensor, CTFParams))
-            if f.name == "factors":
+            if isinstance(value, LazyImages):
+                values[f.name] = value.take(index)
+            elif f.name == "factors":
                 values[f.name] = {key: factor[index] for key, factor in value.items()}
             else:
                 values[f.name] = value[index] if sliceable else value

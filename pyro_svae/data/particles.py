@@ -53,6 +53,7 @@ from ..coords import wrap_angle
 from ..ctf import CTFParams
 from .datasets import DataError, ImageDataset
 from .loaders import _check_file, read_npy
+from .stream import ParticleImages, stack_file
 
 __all__ = [
     "relion_to_pose",
@@ -443,9 +444,9 @@ def _resolve_stack(name: str, star_path: Path, row: int, project_dir: Path | Non
     )
 
 
-def _images_from_star(
-    table: pd.DataFrame, star_path: Path, mmap: bool, project_dir: Path | None = None
-) -> np.ndarray:
+def _star_image_names(table: pd.DataFrame, star_path: Path) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """``rlnImageName`` parsed: the names, each row's stack file and its 1-based image index (0: a bare
+    file name, one image)."""
     if "rlnImageName" not in table.columns:
         raise DataError(f"{star_path}: no rlnImageName column (expected 'index@stack.mrcs' per particle)")
     names = table["rlnImageName"].astype(str)
@@ -457,7 +458,35 @@ def _images_from_star(
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{star_path}: row {row}: rlnImageName {names[row]!r} is not 'index@stack'")
-    index = index.astype(np.int64)
+    return names, files, index.astype(np.int64)
+
+
+def _wanted_images(
+    wanted: np.ndarray, rows: np.ndarray, count: int, names: pd.Series, star_path: Path, stack_path: Path
+) -> np.ndarray:
+    """The 1-based image indices ``wanted`` by STAR ``rows`` of a stack of ``count`` images, checked."""
+    if (wanted == 0).any():  # a bare file name: a single image
+        if count != 1:
+            row = int(rows[wanted == 0][0])
+            raise DataError(
+                f"{star_path}: row {row}: rlnImageName {names[row]!r} has no 'index@' "
+                f"but {stack_path} holds {count} images"
+            )
+        wanted = np.where(wanted == 0, 1, wanted)
+    outside = (wanted < 1) | (wanted > count)
+    if outside.any():
+        row = int(rows[outside][0])
+        raise DataError(
+            f"{star_path}: row {row} asks for image {int(wanted[outside][0])} of {stack_path}, "
+            f"which holds {count} images ({int(outside.sum())} row(s) out of range)"
+        )
+    return wanted
+
+
+def _images_from_star(
+    table: pd.DataFrame, star_path: Path, mmap: bool, project_dir: Path | None = None
+) -> np.ndarray:
+    names, files, index = _star_image_names(table, star_path)
     out = None
     rows_by_file = pd.Series(np.arange(len(table))).groupby(files, sort=False)
     for name, rows in rows_by_file:
@@ -471,25 +500,24 @@ def _images_from_star(
                 f"{stack_path}: images of {stack.shape[1]}x{stack.shape[2]} pixels, "
                 f"other stacks of this STAR file hold {out.shape[1]}x{out.shape[2]}"
             )
-        wanted = index[rows]
-        if (wanted == 0).any():  # a bare file name: a single image
-            if stack.shape[0] != 1:
-                row = int(rows[wanted == 0][0])
-                raise DataError(
-                    f"{star_path}: row {row}: rlnImageName {names[row]!r} has no 'index@' "
-                    f"but {stack_path} holds {stack.shape[0]} images"
-                )
-            wanted = np.where(wanted == 0, 1, wanted)
-        outside = (wanted < 1) | (wanted > stack.shape[0])
-        if outside.any():
-            row = int(rows[outside][0])
-            raise DataError(
-                f"{star_path}: row {row} asks for image {int(wanted[outside][0])} of {stack_path}, "
-                f"which holds {stack.shape[0]} images ({int(outside.sum())} row(s) out of range)"
-            )
+        wanted = _wanted_images(index[rows], rows, stack.shape[0], names, star_path, stack_path)
         order = np.argsort(wanted, kind="stable")  # sequential reads from a memory map
         out[rows[order]] = stack[wanted[order] - 1]
     return out
+
+
+def _streamed_from_star(table: pd.DataFrame, star_path: Path, project_dir: Path | None) -> ParticleImages:
+    """The STAR rows' particles as :class:`ParticleImages` (stack headers read, images not)."""
+    names, files, index = _star_image_names(table, star_path)
+    stacks, stack_of, rows_in_stack = [], np.empty(len(table), np.int64), np.empty(len(table), np.int64)
+    for name, rows in pd.Series(np.arange(len(table))).groupby(files, sort=False):
+        rows = rows.to_numpy()
+        stack_path = _resolve_stack(name, star_path, int(rows[0]), project_dir)
+        stack = stack_file(stack_path)
+        wanted = _wanted_images(index[rows], rows, stack.count, names, star_path, stack_path)
+        stack_of[rows], rows_in_stack[rows] = len(stacks), wanted - 1
+        stacks.append(stack)
+    return ParticleImages(stacks, stack_of, rows_in_stack)
 
 
 def load_particles(
@@ -501,6 +529,7 @@ def load_particles(
     name: str | None = None,
     mmap: bool = True,
     project_dir: str | os.PathLike | None = None,
+    stream: bool = False,
 ) -> ImageDataset:
     """Cryo-EM particles from a RELION STAR file, a cryoSPARC ``.cs`` file (:mod:`.cryosparc`: its blob
     paths looked up in ``project_dir``, by default the ``.cs`` file's grandparent, cryoSPARC's project
@@ -516,6 +545,8 @@ def load_particles(
     ``star`` (the particle table as read), ``star_path``, ``optics`` (``None`` for RELION 3.0) and
     ``box_size``. A relative stack path of ``rlnImageName`` is looked up in ``project_dir`` (RELION's
     project directory) when given, then next to the STAR file, then in the working directory.
+    ``stream=True`` leaves the images on disk: ``images`` is then a :class:`~.stream.ParticleImages` that
+    reads each batch when indexed (memory independent of the stack's size); the headers are checked now.
     """
     path = Path(path)
     project = None if project_dir is None else Path(project_dir)
@@ -529,7 +560,11 @@ def load_particles(
         star_path = _check_file(path)
         particles, optics = _read_star_blocks(star_path)
         table = _merge_optics(particles, optics, pixel_size, star_path)
-        stack = _images_from_star(table, star_path, mmap, project)
+        stack = (
+            _streamed_from_star(table, star_path, project)
+            if stream
+            else _images_from_star(table, star_path, mmap, project)
+        )
     elif suffix == ".cs":
         from .cryosparc import cs_particle_table, read_cs
 
@@ -540,10 +575,15 @@ def load_particles(
         particles = cs_particle_table(array, star_path)
         table = _merge_optics(particles, None, pixel_size, star_path)
         # cryoSPARC stores blob paths relative to its project directory, which holds the job folders
-        stack = _images_from_star(table, star_path, mmap, project or star_path.parent.parent)
+        project = project or star_path.parent.parent
+        stack = (
+            _streamed_from_star(table, star_path, project)
+            if stream
+            else _images_from_star(table, star_path, mmap, project)
+        )
         info.update(cs=array, cs_path=str(star_path))
     elif suffix in (".mrcs", ".mrc", ".npy"):
-        stack = read_stack(path, mmap=mmap)
+        stack = ParticleImages.from_stack(path) if stream else read_stack(path, mmap=mmap)
         info["stack_path"] = str(path)
         fallback = pixel_size if pixel_size is not None else _mrc_voxel_size(path)
         if ctf is not None:
@@ -585,7 +625,7 @@ def load_particles(
     )
     return ImageDataset(
         # torch must not share a read-only memory map: copy those
-        (stack if stack.flags.writeable else np.array(stack))[:, None],
+        stack if stream else (stack if stack.flags.writeable else np.array(stack))[:, None],
         theta=theta,
         dx=dx,
         labels=truth.get("labels"),
@@ -816,6 +856,20 @@ def fourier_crop(images: torch.Tensor, box: int) -> torch.Tensor:
     return result * (box * box / (size * size))
 
 
+def preprocess_batch(
+    images: torch.Tensor, *, box: int, invert: bool, normalize: bool, mask_radius: float | None
+) -> torch.Tensor:
+    """One batch ``(B, 1, H, H)`` inverted, Fourier-cropped to ``box`` and normalized, as float32; each
+    image on its own, so a batch needs nothing of the others."""
+    if invert:
+        images = -images
+    if box != images.shape[-1]:
+        images = fourier_crop(images, box)
+    if normalize:
+        images = normalize_particles(images, mask_radius=mask_radius)
+    return images.to(torch.float32)
+
+
 def preprocess_particles(
     dataset: ImageDataset,
     *,
@@ -837,16 +891,18 @@ def preprocess_particles(
     if new_box < 2 or new_box > size:
         raise DataError(f"{dataset.name}: target box must be between 2 and {size} pixels, got {box}")
     images = dataset.images
-    batches = []
-    for start in range(0, len(dataset), batch_size):
-        chunk = images[start : start + batch_size]
-        if invert:
-            chunk = -chunk
-        if new_box != size:
-            chunk = fourier_crop(chunk, new_box)
-        if normalize:
-            chunk = normalize_particles(chunk, mask_radius=mask_radius)
-        batches.append(chunk.to(torch.float32))
+    if isinstance(images, ParticleImages):  # applied to each batch as it is read
+        images = images.preprocessed(box=new_box, invert=invert, normalize=normalize, mask_radius=mask_radius)
+        images[: min(len(images), batch_size)]  # a first batch: options that cannot work fail now
+    else:
+        images = torch.cat(
+            [
+                preprocess_batch(
+                    chunk, box=new_box, invert=invert, normalize=normalize, mask_radius=mask_radius
+                )
+                for chunk in images.split(batch_size)
+            ]
+        )
     factor = size / new_box
     ctf, dx = dataset.ctf, dataset.dx
     if new_box != size:
@@ -866,7 +922,7 @@ def preprocess_particles(
         "normalize": normalize,
         "mask_radius": mask_radius,
     }
-    return replace(dataset, images=torch.cat(batches), dx=dx, ctf=ctf, info=info)
+    return replace(dataset, images=images, dx=dx, ctf=ctf, info=info)
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -41,6 +41,8 @@ from .config import (
     read_config,
 )
 from .dataspec import (
+    CACHE_CHOICES,
+    CACHE_LIMIT,
     MIN_TEST_IMAGES,
     PARTICLE_SUFFIXES,
     check_images,
@@ -85,6 +87,8 @@ from .posterior import (
 from .report import environment, final_report, write_figures, write_traversal
 
 __all__ = [
+    "CACHE_CHOICES",
+    "CACHE_LIMIT",
     "CONFIG_VERSION",
     "GUIDE_KINDS",
     "build_model",

@@ -18,6 +18,7 @@ from ..data import (
     BUILTIN,
     DataError,
     ImageDataset,
+    LazyImages,
     load_image_folder,
     load_images,
     load_particles,
@@ -129,6 +130,11 @@ def data_spec(
 PARTICLE_SUFFIXES = (".star", ".cs", ".mrcs", ".mrc", ".npy")
 
 
+#: particle images read into memory by ``cache="auto"`` up to this many bytes (float32, both splits)
+CACHE_LIMIT = 1 << 30
+CACHE_CHOICES = ("auto", "always", "never")
+
+
 def particle_spec(
     particles: str | os.PathLike,
     *,
@@ -140,6 +146,7 @@ def particle_spec(
     invert: bool = False,
     mask_radius: float | None = None,
     ind: str | os.PathLike | None = None,
+    cache: str = "auto",
     test_size: float | None = None,
     train_size: int | None = None,
     seed: int = 0,
@@ -152,7 +159,12 @@ def particle_spec(
     (:func:`~pyro_svae.data.preprocess_particles`: ``invert``, Fourier crop to ``box``, ``normalize``
     with ``mask_radius``) and split as files are. ``ind`` is a selection file of 0-based particle
     indices (``.npy``/``.txt``, :func:`~pyro_svae.data.read_indices`), applied before the split.
+    The particles stay on disk, read and preprocessed batch by batch
+    (:class:`~pyro_svae.data.ParticleImages`); ``cache`` reads the training and test images into memory
+    once: ``"auto"`` when they take at most :data:`CACHE_LIMIT` bytes, ``"always"`` or ``"never"``.
     """
+    if cache not in CACHE_CHOICES:
+        raise ValueError(f"--cache-images must be one of {', '.join(CACHE_CHOICES)}, got {cache!r}")
     if test_size is not None and not test_size > 0:
         raise ValueError(f"--test-size must be positive (a count, or a fraction below 1), got {test_size}")
     if train_size is not None and train_size < 1:
@@ -183,6 +195,7 @@ def particle_spec(
             "ind": ind_entry,
             "pixel_size": pixel_size,
             "use_ctf": bool(use_ctf),
+            "cache": cache,
             "preprocess": {
                 "box": box,
                 "normalize": bool(normalize),
@@ -241,6 +254,7 @@ def _load_particles(spec: Mapping[str, Any]) -> ImageDataset:
         ctf=None if ctf_entry is None else ctf_entry["path"],
         pixel_size=spec.get("pixel_size"),
         require_ctf=ctf_entry is not None and use_ctf,
+        stream=True,  # headers now, images batch by batch: --train-size and --ind cost nothing
     )
     if not use_ctf and data.ctf is not None:
         data = replace(data, ctf=None)
@@ -284,7 +298,15 @@ def _split_count(n: int, test_size: float | None) -> int:
 
 def load_dataset(spec: Mapping[str, Any]) -> ImageDataset:
     """All images of a file, folder or particle spec, before the train/test split (in the input order;
-    particles preprocessed)."""
+    particles preprocessed, in memory as the spec's ``cache`` says)."""
+    if spec.get("particles"):
+        (full,) = _cache_particles([_load_particles(spec["particles"])], spec["particles"])
+        return full
+    return _load_unsplit(spec)
+
+
+def _load_unsplit(spec: Mapping[str, Any]) -> ImageDataset:
+    """:func:`load_dataset`, particles left on disk."""
     if spec.get("particles"):
         return _load_particles(spec["particles"])
     if spec.get("file"):
@@ -304,7 +326,7 @@ def load_data(spec: Mapping[str, Any]) -> tuple[ImageDataset, ImageDataset]:
             kwargs["test_size"] = int(spec["test_size"])
         train, test = BUILTIN[name](**kwargs)
     else:
-        full = load_dataset(spec)
+        full = _load_unsplit(spec)  # particles read only once the split and --train-size are known
         if spec.get("test_file"):
             train, test = full, _load_file(spec["test_file"], spec.get("test_labels"))
             train.name, test.name = "train", "test"
@@ -324,7 +346,22 @@ def load_data(spec: Mapping[str, Any]) -> tuple[ImageDataset, ImageDataset]:
         name = train.name
         train = train.subset(range(int(train_size)))
         train.name = name
+    if spec.get("particles"):
+        train, test = _cache_particles([train, test], spec["particles"])
     return train, test
+
+
+def _cache_particles(datasets: list[ImageDataset], particles: Mapping[str, Any]) -> list[ImageDataset]:
+    """``datasets`` with their images read into memory when the spec's ``cache`` says so (see
+    :func:`particle_spec`; ``"auto"`` for specs written before it)."""
+    cache = particles.get("cache", "auto")
+    size = sum(data.images.nbytes for data in datasets if isinstance(data.images, LazyImages))
+    if cache == "never" or (cache == "auto" and size > CACHE_LIMIT):
+        return datasets
+    return [
+        replace(data, images=data.images.cached()) if isinstance(data.images, LazyImages) else data
+        for data in datasets
+    ]
 
 
 def check_images(train: ImageDataset, test: ImageDataset | None, likelihood: str) -> None:
@@ -342,7 +379,8 @@ def check_images(train: ImageDataset, test: ImageDataset | None, likelihood: str
         for data in (train, test):
             if data is None:
                 continue
-            low, high = float(data.images.min()), float(data.images.max())
+            images = data.checkable_images()  # particles left on disk: a sample of them
+            low, high = float(images.min()), float(images.max())
             if low < 0.0 or high > 1.0:
                 raise DataError(
                     f"{data.name}: the {likelihood} likelihood needs pixel values in [0, 1], found "
