@@ -13,6 +13,7 @@ reads everything once into memory when it fits.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +51,11 @@ def stack_file(path: str | os.PathLike) -> StackFile:
     suffix = path.suffix.lower()
     try:
         if suffix in (".mrcs", ".mrc"):
-            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
-                header = mrc.header
-                mode = int(header.mode)
-                dtype = mrcfile.utils.data_dtype_from_header(header)
-                shape = mrcfile.utils.data_shape_from_header(header)
-                offset = header.nbytes + int(header.nsymbt)
+            header = _mrc_header(path)
+            mode = int(header.mode)
+            dtype = mrcfile.utils.data_dtype_from_header(header)
+            shape = mrcfile.utils.data_shape_from_header(header)
+            offset = header.nbytes + int(header.nsymbt)
             if mode in (3, 4):
                 raise DataError(f"{path}: complex MRC data (mode {mode}); expected real-valued images")
         elif suffix == ".npy":
@@ -89,6 +89,35 @@ def stack_file(path: str | os.PathLike) -> StackFile:
     if path.stat().st_size < offset + count * layout.frame_bytes:
         raise DataError(f"{path}: truncated: its header announces {count} images of {height}x{width}")
     return layout
+
+
+def _mrc_header(path: Path) -> np.recarray:
+    """An MRC file's header: read strictly, else in mrcfile's permissive mode with a warning (as
+    :func:`~pyro_svae.data.read_stack` reads the data)."""
+    try:
+        with mrcfile.open(path, mode="r", header_only=True) as mrc:
+            header = mrc.header.copy()
+        mrcfile.utils.data_dtype_from_header(header)
+        return header
+    except ValueError as error:
+        reason = str(error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
+                header = mrc.header.copy()
+            mrcfile.utils.data_dtype_from_header(header)
+        except (ValueError, OSError) as error:
+            raise DataError(
+                f"{path}: MRC data cannot be read, the file is truncated or corrupt ({error})"
+            ) from None
+    problems = "; ".join(dict.fromkeys([reason, *(str(w.message) for w in caught)]))
+    warnings.warn(
+        f"{path}: non-standard MRC header ({problems}); read in mrcfile's permissive mode",
+        UserWarning,
+        stacklevel=4,
+    )
+    return header
 
 
 class _Reader:
