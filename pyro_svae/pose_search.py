@@ -141,7 +141,7 @@ class PoseSearchGuide(PyroModule):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name or unique_name("guide"))
-        if model.rotation_bins is None:
+        if model.theta_bins is None:
             raise ValueError("PoseSearchGuide needs a model built with rotation_bins=K")
         if mode is None:
             mode = "marginal" if model.enumerate_bins else "enumerate"
@@ -159,7 +159,7 @@ class PoseSearchGuide(PyroModule):
         self.bins = bins = model.rotation_bins
         self.image_shape = model.image_shape
         self.site_shapes = dict(model.latent_sites)
-        self.bin_scale_init = model.bin_scale
+        self.bin_scale_init = model.theta_bins.bin_scale
         if encoder == "mlp":
             encoder = MLPEncoder(
                 self.image_shape, hidden_dim=hidden_dim, num_layers=num_layers, activation=activation
@@ -411,8 +411,7 @@ def grid_search_theta(
     scores = []
     for angle, prior in zip(grid, log_prior.expand(grid.shape), strict=True):
         theta = angle.expand(images.shape[0])
-        rendered = model.render(z, theta, dx, scale)
-        params = model._observed(rendered, ctf if model.ctf else None, model.psf_fwhm is not None)
+        params = model.filter_mean(model.render(z, theta, dx, scale), ctf=ctf if model.ctf else None)
         scores.append(model.likelihood(params).log_prob(obs) + prior)
     return grid[torch.stack(scores, -1).argmax(-1)]
 

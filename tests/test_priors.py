@@ -232,3 +232,15 @@ def test_a_binned_rotation_prior_samples_a_bin_then_the_angle_within_it():
     for bad in (1, 2.5, True):
         with pytest.raises(ValueError, match="integer >= 2"):
             priors.BinnedRotationPrior(bad)
+
+
+def test_a_binned_model_holds_its_bins_and_rebuilds_them_from_its_config():
+    old_config = {"image_shape": [1, 8, 8], "z_dim": 2, "rotation_bins": 4, "enumerate_bins": True}
+    model = SpatialVAE(**old_config, hidden_dim=8)
+    assert isinstance(model.theta_bins, priors.BinnedRotationPrior) and model.theta_bins.enumerate
+    assert (model.rotation_bins, model.enumerate_bins) == (4, True)
+    assert model.config["rotation_bins"] == 4 and model.config["enumerate_bins"] is True
+    rebuilt = SpatialVAE(**model.config)
+    assert rebuilt.config == model.config and rebuilt.theta_bins.bins == 4 and rebuilt.enumerate_bins
+    plain = SpatialVAE((8, 8), 2, hidden_dim=8)
+    assert plain.theta_bins is None and plain.rotation_bins is None and not plain.enumerate_bins
