@@ -235,7 +235,7 @@ def ctf_cost(args) -> dict:
     alone = []
     for _ in range(args.ctf_repeats + 1):
         started = time.perf_counter()
-        filtering.filter_ctf(rendered, params).square().sum().backward()
+        filtering.filter_mean(rendered, ctf=params).square().sum().backward()
         alone.append(time.perf_counter() - started)
     alone = sorted(alone[1:])[len(alone) // 2]
     without = sorted(times[False])[len(times[False]) // 2]

@@ -1,5 +1,8 @@
-"""Cryo-EM contrast transfer function in RELION's conventions, applied to rendered images (no Pyro); also
-the Gaussian point-spread function of telescope images, applied the same way (:func:`gaussian_psf_2d`).
+"""Cryo-EM contrast transfer function in RELION's conventions, applied to rendered images (no Pyro).
+
+The filters a model applies, this CTF and a telescope's point-spread function, are the operators of
+:mod:`pyro_svae.optics` (which also holds :func:`~pyro_svae.optics.gaussian_psf_2d`, still importable
+from here).
 
 Parameters live in :class:`CTFParams`, one row per particle, in RELION's units. The CTF is computed in the
 frequency space of the image *array* (axis ``-1`` is x, axis ``-2`` is y, the MRC convention with rows as
@@ -14,7 +17,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-__all__ = ["CTFParams", "relativistic_wavelength", "frequency_grid", "ctf_2d", "gaussian_psf_2d", "apply_ctf"]
+__all__ = ["CTFParams", "relativistic_wavelength", "frequency_grid", "ctf_2d", "apply_ctf"]
 
 
 def relativistic_wavelength(voltage_kv: torch.Tensor) -> torch.Tensor:
@@ -70,19 +73,6 @@ def ctf_2d(params: CTFParams, height: int, width: int | None = None, *, half: bo
     return ctf * torch.exp(-0.25 * bfactor * s2)
 
 
-def gaussian_psf_2d(
-    fwhm: float, height: int, width: int | None = None, *, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Transfer function of a round Gaussian point-spread function of ``fwhm`` pixels on the ``rfft2``
-    grid of an ``H x W`` image, ``(H, W // 2 + 1)``: ``exp(-2 pi^2 sigma^2 |f|^2)`` with ``sigma = fwhm /
-    (2 sqrt(2 ln 2))``; filter with :func:`apply_ctf` (circular convolution; the flux is kept)."""
-    if not fwhm > 0:
-        raise ValueError(f"the PSF's fwhm must be positive (pixels), got {fwhm!r}")
-    fx, fy = frequency_grid(height, width, device=device)
-    sigma = fwhm / (2 * math.sqrt(2 * math.log(2)))
-    return torch.exp(-2 * math.pi**2 * sigma**2 * (fx * fx + fy * fy))
-
-
 def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
     """Filter real images by per-image CTFs ``(N, H, W // 2 + 1)`` (``rfft2`` layout).
 
@@ -98,6 +88,16 @@ def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
     with torch.autocast(images.device.type, enabled=False):
         spectrum = torch.fft.rfft2(images.float())
         return torch.fft.irfft2(spectrum * ctf, s=(height, width))
+
+
+def __getattr__(name: str):
+    """``gaussian_psf_2d``, moved to :mod:`pyro_svae.optics`, imported lazily (optics builds on this
+    module)."""
+    if name == "gaussian_psf_2d":
+        from .optics import gaussian_psf_2d
+
+        return gaussian_psf_2d
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass

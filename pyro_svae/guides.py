@@ -56,7 +56,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.infer import Trace_ELBO, TraceGraph_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
@@ -80,6 +80,7 @@ __all__ = [
     "WrappedNormal",
     "ProjectedNormalAngle",
     "FAMILIES",
+    "EncoderGuide",
     "AmortizedGuide",
     "CircularSupportWarning",
     "wrapped_theta",
@@ -560,7 +561,65 @@ def default_family(model: SpatialVAE, site: str) -> SiteFamily:
     return make_family("constrained_normal" if bounded else "normal", model.latent_sites[site], site, prior)
 
 
-class AmortizedGuide(PyroModule):
+class EncoderGuide(PyroModule):
+    """What every guide of this package shares: an encoder reads each image once and gives ``q(site |
+    image)`` for the latent sites of one :class:`SpatialVAE` (``model.latent_sites``), sampled inside the
+    model's images plate at the model's site names; the guide holds none of the model's parameters.
+
+    A subclass builds its networks and gives :meth:`sample_sites` (its ``pyro.sample`` statements) and
+    :attr:`has_rsample`, and the summaries ``raw_params(images)`` (the networks' outputs, in the images'
+    dtype), ``distributions(images, **model_inputs)`` (``q`` per site, batch shape ``(B,)``) and
+    ``posterior_means(images, **model_inputs)`` (a point estimate per site and image), where
+    ``model_inputs`` are what the model needs besides the images (``ctf``), for a guide that asks the model.
+    Calling the guide (:meth:`forward`, :meth:`guide`) and :meth:`default_loss` are written here once.
+    """
+
+    #: whether a discrete site is summed out by enumeration, in the guide or in the model
+    enumerates: bool = False
+
+    def __init__(self, model: SpatialVAE, *, name: str | None = None) -> None:
+        super().__init__(name=name or unique_name("guide"))
+        self.image_shape = model.image_shape
+        self.site_shapes = dict(model.latent_sites)
+
+    @property
+    def has_rsample(self) -> bool:
+        """Whether every site the guide samples is reparameterized (else score-function gradients)."""
+        raise NotImplementedError
+
+    def default_loss(self, **kwargs) -> pyro.infer.ELBO:
+        """The matching ELBO: ``TraceEnum_ELBO`` where a discrete site is enumerated, else ``Trace_ELBO``
+        when every site is reparameterized, else ``TraceGraph_ELBO`` (score-function gradients,
+        Rao-Blackwellized over the images plate)."""
+        if self.enumerates:
+            return TraceEnum_ELBO(max_plate_nesting=1, **kwargs)
+        return Trace_ELBO(**kwargs) if self.has_rsample else TraceGraph_ELBO(**kwargs)
+
+    def sample_sites(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sample the guide's sites for ``images`` (run inside the images plate)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        data_size: int | None = None,
+        num_images: int | None = None,
+        **model_only,
+    ) -> dict[str, torch.Tensor]:
+        """Sample the latent sites for ``images`` ``(B, C, H, W)`` in the model's images plate (the model's
+        signature; keywords only the model uses, such as ``ctf``, are accepted and ignored)."""
+        if images is None:
+            raise ValueError("the guide needs the images it encodes")
+        with images_plate(images.shape[0], data_size, images.device):
+            return self.sample_sites(images)
+
+    def guide(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The Pyro guide callable (the same as calling the module)."""
+        return self(*args, **kwargs)
+
+
+class AmortizedGuide(EncoderGuide):
     """Amortized variational posterior ``q(z, theta, dx | image)`` for a :class:`SpatialVAE`.
 
     ``encoder`` maps images ``(B, C, H, W)`` to features ``(B, F)`` (default: the paper's MLP; see
@@ -586,8 +645,8 @@ class AmortizedGuide(PyroModule):
         canonicalize: str | None = None,
         name: str | None = None,
     ) -> None:
-        super().__init__(name=name or unique_name("guide"))
-        if getattr(model, "rotation_bins", None) is not None:
+        super().__init__(model, name=name)
+        if getattr(model, "theta_bins", None) is not None:
             raise ValueError(
                 "this model has a discrete rotation site 'theta_bin' (rotation_bins); use "
                 "pyro_svae.pose_search.PoseSearchGuide for it"
@@ -599,8 +658,6 @@ class AmortizedGuide(PyroModule):
                 f"families given for sites {sorted(unknown)} that the model does not have "
                 f"(its latent sites: {list(model.latent_sites)})"
             )
-        self.image_shape = model.image_shape
-        self.site_shapes = dict(model.latent_sites)
         resolved: dict[str, SiteFamily] = {}
         for site, shape in self.site_shapes.items():
             prior = _site_prior(model, site)
@@ -686,11 +743,6 @@ class AmortizedGuide(PyroModule):
         """Whether every site's family is reparameterizable (else use ``TraceGraph_ELBO``)."""
         return all(family.has_rsample for family in self.families.values())
 
-    def default_loss(self, **kwargs) -> pyro.infer.ELBO:
-        """The matching ELBO: ``Trace_ELBO`` when every family is reparameterized, else
-        ``TraceGraph_ELBO`` (score-function gradients, Rao-Blackwellized over the images plate)."""
-        return Trace_ELBO(**kwargs) if self.has_rsample else TraceGraph_ELBO(**kwargs)
-
     def raw_params(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unconstrained head outputs per site, ``(B, num_params)`` each, in the images' dtype (the encoder
         may run under autocast)."""
@@ -712,8 +764,8 @@ class AmortizedGuide(PyroModule):
         alpha = self._augmentation_angle(images)
         return None if alpha is None else (alpha, None)
 
-    def distributions(self, images: torch.Tensor) -> dict[str, dist.Distribution]:
-        """``q(site | image)`` for every site, batch shape ``(B,)``."""
+    def distributions(self, images: torch.Tensor, **model_inputs) -> dict[str, dist.Distribution]:
+        """``q(site | image)`` for every site, batch shape ``(B,)`` (``model_inputs`` are not needed)."""
         pose = self._reading_pose(images)
         raw = self.raw_params(images if pose is None else transform_images(images, *pose))
         q = {site: self.families[site](raw[site]) for site in self.site_shapes}
@@ -727,7 +779,7 @@ class AmortizedGuide(PyroModule):
                 q["dx"] = dist.TransformedDistribution(q["dx"], back)
         return q
 
-    def posterior_means(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def posterior_means(self, images: torch.Tensor, **model_inputs) -> dict[str, torch.Tensor]:
         """Point estimates per site: ``z`` ``(B, z_dim)``, ``theta`` ``(B,)``, ``dx`` ``(B, 2)`` (for a
         canonicalizing guide, mapped back from the canonical frame; rotation augmentation is off here)."""
         pose = self._reading_pose(images) if self.canonicalize else None
@@ -740,29 +792,9 @@ class AmortizedGuide(PyroModule):
                 means["dx"] = RotateVector(-alpha)(means["dx"] - shift)
         return means
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        *,
-        data_size: int | None = None,
-        num_images: int | None = None,
-        **model_only,
-    ) -> dict[str, torch.Tensor]:
-        """Sample every latent site of the model for ``images`` ``(B, C, H, W)`` (the model's signature;
-        keywords only the model uses, such as ``ctf``, are accepted and ignored)."""
-        if images is None:
-            raise ValueError("the guide needs the images it encodes")
-        batch = images.shape[0]
-        q = self.distributions(images)
-        values = {}
-        with images_plate(batch, data_size, images.device):
-            for site, q_site in q.items():
-                values[site] = pyro.sample(site, q_site)
-        return values
-
-    def guide(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """The Pyro guide callable (the same as calling the module)."""
-        return self(*args, **kwargs)
+    def sample_sites(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sample every latent site of the model from ``q(site | image)``."""
+        return {site: pyro.sample(site, q_site) for site, q_site in self.distributions(images).items()}
 
 
 @contextlib.contextmanager

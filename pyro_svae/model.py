@@ -7,17 +7,18 @@ import math
 from collections.abc import Sequence
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
-from .coords import bin_centres, pixel_grid
-from .ctf import CTFParams, apply_ctf, ctf_2d, gaussian_psf_2d
+from .coords import pixel_grid
+from .ctf import CTFParams
 from .decoders import SpatialDecoder, VanillaDecoder
 from .likelihoods import LearnedGaussianLikelihood, make_likelihood
+from .optics import Optics
 from .priors import (
+    BinnedRotationPrior,
     LearnableLogNormalScale,
     as_prior,
     log_normal_scale,
@@ -64,6 +65,84 @@ def _image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     return shape
 
 
+def _check_pose_options(
+    *,
+    z_dim: int,
+    vanilla: bool,
+    rotate: bool | None,
+    translate: bool | None,
+    priors_given: bool,
+    rotation_bins: int | None,
+    enumerate_bins: bool,
+    scale: bool,
+    compile: bool,
+    coord_frequency: float,
+) -> None:
+    """Refuse options that do not go together (``priors_given``: a theta or dx prior was passed)."""
+    if not isinstance(z_dim, int) or z_dim < 1:
+        raise ValueError(f"z_dim must be an integer >= 1, got {z_dim!r}")
+    if vanilla and (rotate or translate or priors_given):
+        raise ValueError(
+            "vanilla=True has no pose sites: do not combine it with rotate, translate, "
+            "theta_prior or dx_prior"
+        )
+    if rotation_bins is not None and (
+        not isinstance(rotation_bins, int) or rotation_bins < 2 or rotate is False or vanilla
+    ):
+        raise ValueError(
+            f"rotation_bins must be an integer >= 2 on a model that rotates, got {rotation_bins!r}"
+        )
+    if enumerate_bins and rotation_bins is None:
+        raise ValueError("enumerate_bins=True sums over rotation bins: give rotation_bins=K as well")
+    if vanilla and compile:
+        raise ValueError("compile applies to the spatial decoder; the vanilla decoder is not compiled")
+    if vanilla and coord_frequency != 1.0:
+        raise ValueError("coord_frequency applies to the spatial decoder, not to the vanilla one")
+    if vanilla and scale:
+        raise ValueError("vanilla=True has no pose sites: do not combine it with scale or scale_prior")
+
+
+def _scale_prior(
+    prior: torch.distributions.Distribution | nn.Module | str | None, std: float
+) -> tuple[torch.distributions.Distribution | nn.Module | None, float]:
+    """The scale prior given by name built, and the std the config records for it."""
+    if isinstance(prior, str):
+        if prior not in ("learned", "learned_std"):
+            raise ValueError(
+                f"scale_prior given by name must be 'learned' (location fitted) or 'learned_std' "
+                f"(location and spread), got {prior!r}"
+            )
+        prior = LearnableLogNormalScale(std=std, learn_std=prior == "learned_std")
+    if isinstance(prior, LearnableLogNormalScale):  # the config rebuilds it with its own std
+        std = prior.initial_std
+    return prior, std
+
+
+def _check_image_formation(
+    image_shape: tuple[int, int, int],
+    vanilla: bool,
+    ctf: bool,
+    psf_fwhm: float | None,
+    pixel_subsample: int | None,
+) -> None:
+    _, height, width = image_shape
+    if psf_fwhm is not None and not (isinstance(psf_fwhm, (int, float)) and psf_fwhm > 0):
+        raise ValueError(f"psf_fwhm must be a positive width in pixels, got {psf_fwhm!r}")
+    if pixel_subsample is None:
+        return
+    if vanilla or ctf or psf_fwhm is not None:
+        raise ValueError(
+            "pixel_subsample needs the spatial decoder rendering pixels independently: it cannot "
+            "be used with vanilla=True (the decoder emits all pixels at once), ctf=True or "
+            "psf_fwhm (the CTF and the PSF mix all pixels of an image)"
+        )
+    if not isinstance(pixel_subsample, int) or not 1 <= pixel_subsample <= height * width:
+        raise ValueError(
+            f"pixel_subsample must be an integer in [1, {height * width}] (pixels per image), "
+            f"got {pixel_subsample!r}"
+        )
+
+
 def images_plate(batch: int, data_size: int | None, device: torch.device) -> pyro.plate:
     """The ``"images"`` plate over a mini-batch of ``batch`` images; with ``data_size`` the batch stands for
     a data set of that many images and log-densities are scaled by ``data_size / batch``. Model and
@@ -77,9 +156,9 @@ class SpatialVAE(PyroModule):
 
     For a batch of images ``(B, C, H, W)`` the program samples, inside ``pyro.plate("images", ...)``:
     ``z`` (event ``(z_dim,)``), ``theta`` (event ``()``, when ``rotate``), ``dx`` (event ``(2,)``, when
-    ``translate``), renders every pixel with the spatial decoder at the posed coordinates and scores the
-    images at ``obs`` (event ``(H * W, C)``). ``vanilla=True`` gives the baseline VAE whose decoder sees
-    ``z`` alone (no pose sites).
+    ``translate``), renders every pixel with the spatial decoder at the posed coordinates, passes the
+    rendered mean through the instrument's :attr:`optics` and scores the images at ``obs`` (event
+    ``(H * W, C)``). ``vanilla=True`` gives the baseline VAE whose decoder sees ``z`` alone (no pose sites).
 
     Priors default to the paper's, ``z ~ N(0, I)``, ``theta ~ N(0, theta_prior_std)``,
     ``dx ~ N(0, dx_prior_std I)``; any distribution (or module returning one) with the site's event shape
@@ -92,12 +171,17 @@ class SpatialVAE(PyroModule):
     so runs and checkpoints rebuild it): coordinates become ``x R(theta) s + dx`` in the paper's
     notation (the content is magnified by ``s``).
 
-    ``ctf=True`` makes the program one of cryo-EM image formation: the decoder renders the whole image,
-    each image's contrast transfer function (``forward(..., ctf=CTFParams)``, computed on the fly in
-    RELION's convention, :mod:`pyro_svae.ctf`) filters its mean in Fourier space, and a Gaussian likelihood
-    (``"gaussian"``, ``"gaussian_learned"`` or ``"gaussian_pixel"``) scores the filtered image.
+    Image formation (:mod:`pyro_svae.optics`): the decoder renders the whole clean image, and the
+    instrument's filters act on its mean before a Gaussian likelihood (``"gaussian"``,
+    ``"gaussian_learned"`` or ``"gaussian_pixel"``) scores it (:meth:`filter_mean`).
+    ``psf_fwhm`` (pixels) makes it a telescope's: a round Gaussian point-spread function of that FWHM blurs
+    the galaxy rendered above the atmosphere and the optics (the vanilla decoder's images can be blurred
+    too). A PSF is fixed in pixels, so a small galaxy looks blurrier than a large one of the same shape,
+    which a decoder of the clean image at a ``scale`` cannot draw without it. ``ctf=True`` makes it a
+    cryo-EM microscope's: each image's contrast transfer function (``forward(..., ctf=CTFParams)``,
+    computed on the fly in RELION's convention, :mod:`pyro_svae.ctf`) filters it, after the PSF if any.
 
-    ``pixel_subsample = k`` (spatial decoder only, not with a CTF) renders and scores ``k`` random pixels
+    ``pixel_subsample = k`` (spatial decoder only, without optics) renders and scores ``k`` random pixels
     per image in training mode, inside ``pyro.plate("pixels", H * W, subsample_size=k)``: an unbiased
     estimate of the same ELBO at about ``k / (H W)`` of the decoder's cost. In ``eval()`` mode every pixel is
     scored, so :func:`~pyro_svae.infer.evaluate` reports the exact ELBO.
@@ -105,28 +189,16 @@ class SpatialVAE(PyroModule):
     ``coord_frequency`` scales the spatial decoder's initial coordinate weights
     (:class:`~pyro_svae.decoders.SpatialDecoder`; about ``1 / size`` for objects of ``size`` grid units).
 
-    ``psf_fwhm`` (pixels) makes the program one of telescope image formation: the decoder renders the
-    galaxy above the atmosphere and the optics, and a round Gaussian point-spread function of that FWHM
-    blurs its mean (Fourier space, :func:`~pyro_svae.ctf.gaussian_psf_2d`) before a Gaussian likelihood
-    scores it (the vanilla decoder's images can be blurred too). A PSF is fixed in pixels, so a small
-    galaxy looks blurrier than a large one of the same shape, which a decoder of the clean image at a
-    ``scale`` cannot draw without it.
-
     ``compile=True`` runs the decoder through ``torch.compile`` (see ``benchmarks/throughput.py --speed``
     for when it pays).
 
-    ``rotation_bins = K`` adds a discrete site ``theta_bin`` before ``theta``: K bins centred at
-    ``2 pi k / K`` (wrapped to ``[-pi, pi)``), ``p(bin = k)`` proportional to the theta prior's density at
-    the bin centre, and ``theta | bin ~ N(centre, pi / K)``, so that the bins tile the theta prior (a
-    uniform prior gives a nearly flat mixture on the circle). Guides may then enumerate the bin
-    (``TraceEnum_ELBO``) or sample it (``TraceGraph_ELBO``); see :mod:`pyro_svae.pose_search`.
-
+    ``rotation_bins = K`` splits the theta prior into K bins (:attr:`theta_bins`, a
+    :class:`~pyro_svae.priors.BinnedRotationPrior`): a discrete site ``theta_bin`` before ``theta``, which
+    guides enumerate (``TraceEnum_ELBO``) or sample (``TraceGraph_ELBO``); see :mod:`pyro_svae.pose_search`.
     ``enumerate_bins=True`` (with ``rotation_bins``) moves the search into the model: ``theta = centre_k +
-    theta_offset`` with ``theta_offset ~ N(0, pi / K)`` a continuous site shared by all bins, ``theta_bin``
-    marked for parallel enumeration, and ``theta`` a deterministic site. ``TraceEnum_ELBO`` then sums the
-    bin out exactly (the decoder renders every image at all K angles and the likelihood picks the pose,
-    as the exhaustive pose searches of cryo-EM do); the guide gives ``z``, ``theta_offset`` and ``dx`` only,
-    and the bin's posterior given them comes from ``TraceEnum_ELBO.compute_marginals``
+    theta_offset`` with ``theta_offset`` the continuous site, ``theta_bin`` marked for parallel enumeration
+    and ``theta`` deterministic; the guide gives ``z``, ``theta_offset`` and ``dx`` only, and the bin's
+    posterior given them comes from ``TraceEnum_ELBO.compute_marginals``
     (:meth:`~pyro_svae.pose_search.PoseSearchGuide.bin_posterior`).
     """
 
@@ -160,59 +232,28 @@ class SpatialVAE(PyroModule):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name or unique_name("svae"))
-        if not isinstance(z_dim, int) or z_dim < 1:
-            raise ValueError(f"z_dim must be an integer >= 1, got {z_dim!r}")
-        if vanilla and (rotate or translate or theta_prior is not None or dx_prior is not None):
-            raise ValueError(
-                "vanilla=True has no pose sites: do not combine it with rotate, translate, "
-                "theta_prior or dx_prior"
-            )
-        if rotation_bins is not None and (
-            not isinstance(rotation_bins, int) or rotation_bins < 2 or rotate is False or vanilla
-        ):
-            raise ValueError(
-                f"rotation_bins must be an integer >= 2 on a model that rotates, got {rotation_bins!r}"
-            )
-        if enumerate_bins and rotation_bins is None:
-            raise ValueError("enumerate_bins=True sums over rotation bins: give rotation_bins=K as well")
-        if vanilla and compile:
-            raise ValueError("compile applies to the spatial decoder; the vanilla decoder is not compiled")
-        if vanilla and coord_frequency != 1.0:
-            raise ValueError("coord_frequency applies to the spatial decoder, not to the vanilla one")
-        if vanilla and (scale or scale_prior is not None):
-            raise ValueError("vanilla=True has no pose sites: do not combine it with scale or scale_prior")
-        if isinstance(scale_prior, str):
-            if scale_prior not in ("learned", "learned_std"):
-                raise ValueError(
-                    f"scale_prior given by name must be 'learned' (location fitted) or 'learned_std' "
-                    f"(location and spread), got {scale_prior!r}"
-                )
-            scale_prior = LearnableLogNormalScale(std=scale_prior_std, learn_std=scale_prior == "learned_std")
-        if isinstance(scale_prior, LearnableLogNormalScale):  # the config rebuilds it with its own std
-            scale_prior_std = scale_prior.initial_std
+        _check_pose_options(
+            z_dim=z_dim,
+            vanilla=vanilla,
+            rotate=rotate,
+            translate=translate,
+            priors_given=theta_prior is not None or dx_prior is not None,
+            rotation_bins=rotation_bins,
+            enumerate_bins=enumerate_bins,
+            scale=scale or scale_prior is not None,
+            compile=compile,
+            coord_frequency=coord_frequency,
+        )
+        scale_prior, scale_prior_std = _scale_prior(scale_prior, scale_prior_std)
         self.image_shape = _image_shape(image_shape)
         channels, height, width = self.image_shape
-        if psf_fwhm is not None and not (isinstance(psf_fwhm, (int, float)) and psf_fwhm > 0):
-            raise ValueError(f"psf_fwhm must be a positive width in pixels, got {psf_fwhm!r}")
-        if pixel_subsample is not None:
-            if vanilla or ctf or psf_fwhm is not None:
-                raise ValueError(
-                    "pixel_subsample needs the spatial decoder rendering pixels independently: it cannot "
-                    "be used with vanilla=True (the decoder emits all pixels at once), ctf=True or "
-                    "psf_fwhm (the CTF and the PSF mix all pixels of an image)"
-                )
-            if not isinstance(pixel_subsample, int) or not 1 <= pixel_subsample <= height * width:
-                raise ValueError(
-                    f"pixel_subsample must be an integer in [1, {height * width}] (pixels per image), "
-                    f"got {pixel_subsample!r}"
-                )
+        _check_image_formation(self.image_shape, vanilla, ctf, psf_fwhm, pixel_subsample)
         self.z_dim = z_dim
         self.vanilla = vanilla
         self.rotate = (not vanilla) if rotate is None else bool(rotate)
         self.translate = (not vanilla) if translate is None else bool(translate)
         self.scale = bool(scale) or scale_prior is not None
         self.ctf = bool(ctf)
-        self.psf_fwhm = None if psf_fwhm is None else float(psf_fwhm)
         self.pixel_subsample = pixel_subsample
         self.config = {
             "image_shape": list(self.image_shape),
@@ -228,7 +269,7 @@ class SpatialVAE(PyroModule):
             "scale_prior_std": scale_prior_std,
             "scale_prior": _learned_scale_prior_name(scale_prior),
             "ctf": self.ctf,
-            "psf_fwhm": self.psf_fwhm,
+            "psf_fwhm": None if psf_fwhm is None else float(psf_fwhm),
             "pixel_subsample": pixel_subsample,
             "compile": bool(compile),
             "coord_frequency": coord_frequency,
@@ -238,64 +279,37 @@ class SpatialVAE(PyroModule):
             "activation": activation,
         }
         self.likelihood = make_likelihood(likelihood)
-        for option, chosen in (("ctf=True", self.ctf), ("psf_fwhm", self.psf_fwhm is not None)):
+        for option, chosen in (("ctf=True", self.ctf), ("psf_fwhm", psf_fwhm is not None)):
             if chosen and not getattr(self.likelihood, "linear_mean", False):
                 raise ValueError(
                     f"{option} filters the decoder's mean image, which needs a Gaussian likelihood "
-                    "('gaussian', 'gaussian_learned' or 'gaussian_pixel'), got "
-                    f"{likelihood if isinstance(likelihood, str) else type(likelihood).__name__}"
+                    f"('gaussian', 'gaussian_learned' or 'gaussian_pixel'), got {self.config['likelihood']}"
                 )
-        out_dim = channels * self.likelihood.params_per_channel
         self.z_prior = as_prior(
             standard_normal_z(z_dim) if z_prior is None else z_prior, site="z", event_shape=(z_dim,)
         )
         if self.rotate:
-            self.theta_prior = as_prior(
-                normal_theta(theta_prior_std) if theta_prior is None else theta_prior,
-                site="theta",
-                event_shape=(),
-            )
+            theta_prior = normal_theta(theta_prior_std) if theta_prior is None else theta_prior
+            self.theta_prior = as_prior(theta_prior, site="theta", event_shape=())
         if self.translate:
-            self.dx_prior = as_prior(
-                normal_dx(dx_prior_std) if dx_prior is None else dx_prior,
-                site="dx",
-                event_shape=(2,),
-            )
+            dx_prior = normal_dx(dx_prior_std) if dx_prior is None else dx_prior
+            self.dx_prior = as_prior(dx_prior, site="dx", event_shape=(2,))
         if self.scale:
-            self.scale_prior = as_prior(
-                log_normal_scale(scale_prior_std) if scale_prior is None else scale_prior,
-                site="scale",
-                event_shape=(),
-            )
+            scale_prior = log_normal_scale(scale_prior_std) if scale_prior is None else scale_prior
+            self.scale_prior = as_prior(scale_prior, site="scale", event_shape=())
+        layers = {"hidden_dim": hidden_dim, "num_layers": num_layers, "activation": activation}
+        out_dim = channels * self.likelihood.params_per_channel
         if vanilla:
-            decoder: nn.Module = VanillaDecoder(
-                z_dim,
-                height * width,
-                out_dim,
-                hidden_dim=hidden_dim,
-                num_layers=num_layers,
-                activation=activation,
-            )
+            self.decoder: nn.Module = VanillaDecoder(z_dim, height * width, out_dim, **layers)
         else:
-            decoder = SpatialDecoder(
-                z_dim,
-                out_dim,
-                hidden_dim=hidden_dim,
-                num_layers=num_layers,
-                activation=activation,
-                coord_frequency=coord_frequency,
-                compile=compile,
+            self.decoder = SpatialDecoder(
+                z_dim, out_dim, **layers, coord_frequency=coord_frequency, compile=compile
             )
-        self.decoder = decoder
         self.register_buffer("grid", pixel_grid(height, width), persistent=False)
-        if self.psf_fwhm is not None:
-            transfer = gaussian_psf_2d(self.psf_fwhm, height, width)  # (H, W // 2 + 1)
-            self.register_buffer("psf_transfer", transfer, persistent=False)
-        self.rotation_bins = rotation_bins
-        self.enumerate_bins = bool(enumerate_bins)
-        if rotation_bins is not None:
-            self.register_buffer("bin_centres", bin_centres(rotation_bins), persistent=False)
-            self.bin_scale = math.pi / rotation_bins
+        self.optics = Optics(height, width, psf_fwhm=psf_fwhm)
+        self.theta_bins = (
+            None if rotation_bins is None else BinnedRotationPrior(rotation_bins, enumerate=enumerate_bins)
+        )
         # Plain nn.Modules inside become PyroModules so their parameters live in Pyro's param store.
         to_pyro_module_(self)
 
@@ -304,10 +318,8 @@ class SpatialVAE(PyroModule):
     def latent_sites(self) -> dict[str, tuple[int, ...]]:
         """Latent sample sites of the program and their event shapes, in sampling order."""
         sites: dict[str, tuple[int, ...]] = {"z": (self.z_dim,)}
-        if self.rotation_bins is not None:
-            sites["theta_bin"] = ()
-        if self.enumerate_bins:
-            sites["theta_offset"] = ()  # theta itself is deterministic
+        if self.theta_bins is not None:
+            sites.update(self.theta_bins.latent_sites)
         elif self.rotate:
             sites["theta"] = ()
         if self.translate:
@@ -315,6 +327,21 @@ class SpatialVAE(PyroModule):
         if self.scale:
             sites["scale"] = ()
         return sites
+
+    @property
+    def rotation_bins(self) -> int | None:
+        """The number of rotation bins of :attr:`theta_bins` (``None`` without bins)."""
+        return None if self.theta_bins is None else self.theta_bins.bins
+
+    @property
+    def enumerate_bins(self) -> bool:
+        """Whether the program sums over its rotation bins itself (:attr:`theta_bins`)."""
+        return self.theta_bins is not None and self.theta_bins.enumerate
+
+    @property
+    def psf_fwhm(self) -> float | None:
+        """The FWHM in pixels of the :attr:`optics`' PSF (``None`` without one)."""
+        return None if self.optics.psf is None else self.optics.psf.fwhm
 
     def render(
         self,
@@ -385,28 +412,18 @@ class SpatialVAE(PyroModule):
             self.likelihood.sigma = spread.to(sigma.device, sigma.dtype)  # sets the PyroParam in place
         return self
 
-    def filter_ctf(self, params: torch.Tensor, ctf: CTFParams) -> torch.Tensor:
-        """Apply each image's CTF to the mean channels of ``params`` ``(..., B, P, k * C)``."""
-        _, height, width = self.image_shape
-        return self._filter_mean(params, ctf_2d(ctf.to(params.device), height, width))  # (B, H, W // 2 + 1)
-
-    def filter_psf(self, params: torch.Tensor) -> torch.Tensor:
-        """Blur the mean channels of ``params`` ``(..., B, P, k * C)`` by the model's PSF (``psf_fwhm``)."""
-        return self._filter_mean(params, self.psf_transfer)
-
-    def _filter_mean(self, params: torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
+    def filter_mean(
+        self, params: torch.Tensor, *, ctf: CTFParams | None = None, blur: bool = True
+    ) -> torch.Tensor:
+        """Likelihood parameters ``(..., B, P, k * C)`` as the instrument records them: the :attr:`optics`
+        (the PSF with ``blur``, then each image's CTF from ``ctf``) filter the mean channels; the
+        likelihood's other parameters (a learned sigma) are left as they are."""
+        if not self.optics.filters(ctf=ctf, blur=blur):
+            return params
         channels, height, width = self.image_shape
         mean, rest = params[..., :channels], params[..., channels:]
-        filtered = apply_ctf(pixels_to_images(mean, height, width), transfer)
-        return torch.cat([images_to_pixels(filtered), rest], dim=-1)
-
-    def _observed(self, params: torch.Tensor, ctf: CTFParams | None, blur: bool) -> torch.Tensor:
-        """``params`` as the instrument records them: blurred by the PSF, then filtered by the CTF."""
-        if blur:
-            params = self.filter_psf(params)
-        if ctf is not None:
-            params = self.filter_ctf(params, ctf)
-        return params
+        recorded = self.optics(pixels_to_images(mean, height, width), ctf=ctf, blur=blur)
+        return torch.cat([images_to_pixels(recorded), rest], dim=-1)
 
     def decode(
         self,
@@ -424,7 +441,7 @@ class SpatialVAE(PyroModule):
         _, height, width = self.image_shape
         if blur and self.psf_fwhm is None:
             raise ValueError("blur=True applies the model's PSF, and this model has none (psf_fwhm)")
-        params = self._observed(self.render(z, theta, dx, scale), ctf, blur)
+        params = self.filter_mean(self.render(z, theta, dx, scale), ctf=ctf, blur=blur)
         return pixels_to_images(self.likelihood.mean(params), height, width)
 
     def forward(
@@ -442,9 +459,24 @@ class SpatialVAE(PyroModule):
         ``images`` is a mini-batch: the plate then scales the batch's log-density by ``data_size / B``.
         ``ctf`` holds the CTF parameters of the ``B`` images (required when the model has ``ctf=True``).
         """
+        batch, obs = self._observations(images, num_images, ctf)
+        with images_plate(batch, data_size, self.grid.device):
+            z = pyro.sample("z", self.z_prior())
+            theta = self._sample_theta() if self.rotate else None
+            dx = pyro.sample("dx", self.dx_prior()) if self.translate else None
+            scale = pyro.sample("scale", self.scale_prior()) if self.scale else None
+            if self.pixel_subsample is not None and self.training and obs is not None:
+                return self._observe_pixel_subsample(obs, z, theta, dx, scale)
+            params = self.render(z, theta, dx, scale)
+            params = self.filter_mean(params, ctf=ctf if self.ctf else None)
+            return pyro.sample("obs", self.likelihood(params), obs=obs)
+
+    def _observations(
+        self, images: torch.Tensor | None, num_images: int | None, ctf: CTFParams | None
+    ) -> tuple[int, torch.Tensor | None]:
+        """The batch size and the observed pixels ``(B, P, C)`` (``None`` when generating)."""
         if images is not None:
-            batch = images.shape[0]
-            obs = images_to_pixels(images)
+            batch, obs = images.shape[0], images_to_pixels(images)
         elif num_images is not None:
             batch, obs = num_images, None
         else:
@@ -454,16 +486,12 @@ class SpatialVAE(PyroModule):
             raise ValueError(
                 f"this model applies a CTF: pass ctf= with one row per image ({batch}), got {found}"
             )
-        with images_plate(batch, data_size, self.grid.device):
-            z = pyro.sample("z", self.z_prior())
-            theta = self._sample_theta() if self.rotate else None
-            dx = pyro.sample("dx", self.dx_prior()) if self.translate else None
-            scale = pyro.sample("scale", self.scale_prior()) if self.scale else None
-            if self.pixel_subsample is not None and self.training and obs is not None:
-                return self._observe_pixel_subsample(obs, z, theta, dx, scale)
-            blur = self.psf_fwhm is not None
-            params = self._observed(self.render(z, theta, dx, scale), ctf if self.ctf else None, blur)
-            return pyro.sample("obs", self.likelihood(params), obs=obs)
+        return batch, obs
+
+    def _sample_theta(self) -> torch.Tensor:
+        if self.theta_bins is not None:
+            return self.theta_bins.sample(self.theta_prior())
+        return pyro.sample("theta", self.theta_prior())
 
     def _observe_pixel_subsample(self, obs, z, theta, dx, scale) -> torch.Tensor:
         """Score a random subset of pixels of each image; the plate scales their log-density by
@@ -475,18 +503,6 @@ class SpatialVAE(PyroModule):
             params = params.transpose(-3, -2).unsqueeze(-2)  # (k, B, 1, k' C)
             value = obs[..., pixels, :].transpose(-3, -2).unsqueeze(-2)
             return pyro.sample("obs", self.likelihood(params), obs=value)
-
-    def _sample_theta(self) -> torch.Tensor:
-        if self.rotation_bins is None:
-            return pyro.sample("theta", self.theta_prior())
-        centres = self.bin_centres
-        logits = self.theta_prior().log_prob(centres)
-        if self.enumerate_bins:
-            index = pyro.sample("theta_bin", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
-            offset = pyro.sample("theta_offset", dist.Normal(centres.new_zeros(()), self.bin_scale))
-            return pyro.deterministic("theta", centres[index] + offset)
-        index = pyro.sample("theta_bin", dist.Categorical(logits=logits))
-        return pyro.sample("theta", dist.Normal(centres[index], self.bin_scale))
 
     def model(self, *args, **kwargs) -> torch.Tensor:
         """The Pyro model callable (the same as calling the module)."""

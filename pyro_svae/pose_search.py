@@ -26,17 +26,16 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
-from pyro.nn import PyroModule
+from pyro.infer import TraceEnum_ELBO
 from pyro.nn.module import to_pyro_module_
 from pyro.ops.indexing import Vindex
 from torch import nn
 
 from .coords import bin_centres, pixel_grid, transform_images, wrap_angle
 from .encoders import MLPEncoder
-from .guides import NormalFamily, default_family
+from .guides import EncoderGuide, NormalFamily, default_family
 from .infer import as_dataset, model_inputs, posterior_means, precision_context, resolve_precision
-from .model import SpatialVAE, images_plate, images_to_pixels, unique_name
+from .model import SpatialVAE, images_to_pixels
 
 __all__ = [
     "RotationEquivariantEncoder",
@@ -121,7 +120,7 @@ class RotationEquivariantEncoder(nn.Module):
         return {"bin_logits": logits, "bin_features": pooled, "features": features, "position": position}
 
 
-class PoseSearchGuide(PyroModule):
+class PoseSearchGuide(EncoderGuide):
     """Amortized guide with a categorical posterior over rotation bins (see the module docstring).
 
     ``encoder``: ``"mlp"`` (the paper's network; bin logits from a linear head) or ``"equivariant"``
@@ -140,8 +139,8 @@ class PoseSearchGuide(PyroModule):
         channels: int = 32,
         name: str | None = None,
     ) -> None:
-        super().__init__(name=name or unique_name("guide"))
-        if model.rotation_bins is None:
+        super().__init__(model, name=name)
+        if model.theta_bins is None:
             raise ValueError("PoseSearchGuide needs a model built with rotation_bins=K")
         if mode is None:
             mode = "marginal" if model.enumerate_bins else "enumerate"
@@ -157,9 +156,7 @@ class PoseSearchGuide(PyroModule):
         if mode == "marginal":  # the bin posterior is the model's; kept out of the module tree
             object.__setattr__(self, "search_model", model)
         self.bins = bins = model.rotation_bins
-        self.image_shape = model.image_shape
-        self.site_shapes = dict(model.latent_sites)
-        self.bin_scale_init = model.bin_scale
+        self.bin_scale_init = model.theta_bins.bin_scale
         if encoder == "mlp":
             encoder = MLPEncoder(
                 self.image_shape, hidden_dim=hidden_dim, num_layers=num_layers, activation=activation
@@ -200,15 +197,14 @@ class PoseSearchGuide(PyroModule):
         self.register_buffer("centres", bin_centres(bins), persistent=False)
         to_pyro_module_(self)
 
-    def default_loss(self) -> pyro.infer.ELBO:
-        """The ELBO that fits the mode: ``TraceEnum_ELBO`` (enumerate) or ``TraceGraph_ELBO`` (sample)."""
-        if self.mode in ("enumerate", "marginal"):
-            return TraceEnum_ELBO(max_plate_nesting=1)
-        return TraceGraph_ELBO()
+    #: the bin is sampled (``mode="sample"``): score-function gradients, ``TraceGraph_ELBO``
+    has_rsample = False
 
     @property
-    def has_rsample(self) -> bool:
-        return False
+    def enumerates(self) -> bool:
+        """Whether the bin is summed out (``TraceEnum_ELBO``): by the guide (``"enumerate"``) or the model
+        (``"marginal"``)."""
+        return self.mode in ("enumerate", "marginal")
 
     def raw_params(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``bin_logits`` ``(B, K)``, ``offset`` / ``log_scale`` ``(B, K)`` (``(B,)`` in marginal mode, which
@@ -328,31 +324,20 @@ class PoseSearchGuide(PyroModule):
             probs.append(found["theta_bin"].probs.reshape(len(index), self.bins))
         return torch.cat(probs).to(images.dtype)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        *,
-        data_size: int | None = None,
-        num_images: int | None = None,
-        **model_only,
-    ) -> dict[str, torch.Tensor]:
-        """Sample ``z``, ``theta_bin``, ``theta`` (marginal mode: ``theta_offset``) and ``dx`` for ``images``
-        ``(B, C, H, W)``; keywords only the model uses (``ctf``) are ignored."""
-        batch = images.shape[0]
+    def sample_sites(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sample ``z``, ``theta_bin`` and ``theta`` (marginal mode: ``theta_offset``), ``dx``, others."""
         raw = self.raw_params(images)
         infer = {"enumerate": "parallel"} if self.mode == "enumerate" else {}
-        values = {}
-        with images_plate(batch, data_size, images.device):
-            values["z"] = pyro.sample("z", self.z_family(raw["z"]))
-            if self.mode == "marginal":
-                offset = dist.Normal(raw["offset"], raw["log_scale"].exp())
-                values["theta_offset"] = pyro.sample("theta_offset", offset)
-            else:
-                values.update(self._sample_bin_and_theta(raw, infer))
-            if self.translate:
-                values["dx"] = pyro.sample("dx", self.dx_family(raw["dx"]))
-            for site, family in self.other_families.items():
-                values[site] = pyro.sample(site, family(raw[site]))
+        values = {"z": pyro.sample("z", self.z_family(raw["z"]))}
+        if self.mode == "marginal":
+            offset = dist.Normal(raw["offset"], raw["log_scale"].exp())
+            values["theta_offset"] = pyro.sample("theta_offset", offset)
+        else:
+            values.update(self._sample_bin_and_theta(raw, infer))
+        if self.translate:
+            values["dx"] = pyro.sample("dx", self.dx_family(raw["dx"]))
+        for site, family in self.other_families.items():
+            values[site] = pyro.sample(site, family(raw[site]))
         return values
 
     def _sample_bin_and_theta(self, raw: dict, infer: dict) -> dict[str, torch.Tensor]:
@@ -360,9 +345,6 @@ class PoseSearchGuide(PyroModule):
         loc = self.centres[index] + Vindex(raw["offset"])[..., index]
         scale = Vindex(raw["log_scale"])[..., index].exp()
         return {"theta_bin": index, "theta": pyro.sample("theta", dist.Normal(loc, scale))}
-
-    def guide(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        return self(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -411,8 +393,7 @@ def grid_search_theta(
     scores = []
     for angle, prior in zip(grid, log_prior.expand(grid.shape), strict=True):
         theta = angle.expand(images.shape[0])
-        rendered = model.render(z, theta, dx, scale)
-        params = model._observed(rendered, ctf if model.ctf else None, model.psf_fwhm is not None)
+        params = model.filter_mean(model.render(z, theta, dx, scale), ctf=ctf if model.ctf else None)
         scores.append(model.likelihood(params).log_prob(obs) + prior)
     return grid[torch.stack(scores, -1).argmax(-1)]
 

@@ -20,6 +20,8 @@ Rotation ``theta`` (event shape ``()``, radians):
   come in ``n`` orientations, e.g. an object with ``C_n`` symmetry in how it is placed).
 * :class:`LearnableVonMises` -- a von Mises whose concentration (and optionally location) is learned.
 * :class:`LearnableLogNormalScale` -- a log-normal magnification prior whose location is learned.
+* :class:`BinnedRotationPrior` -- any of these split into K rotation bins: a discrete site ``theta_bin``
+  and a continuous angle within the bin (``SpatialVAE(rotation_bins=K)``; :mod:`pyro_svae.pose_search`).
 
 Circular priors have a density that is 2 pi-periodic on the real line (their ``support`` is
 ``constraints.real``): they are *exact* for a circular guide (values are angles, any representative
@@ -37,13 +39,17 @@ import copy
 import math
 from collections.abc import Callable
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 from torch import nn
 
+from .coords import bin_centres
+
 __all__ = [
+    "BinnedRotationPrior",
     "CircularUniform",
     "DistributionPrior",
     "LearnableVonMises",
@@ -313,6 +319,57 @@ class LearnableLogNormalScale(PyroModule):
 
     def forward(self) -> dist.Distribution:
         return dist.LogNormal(self.loc, self.std)
+
+
+class BinnedRotationPrior(nn.Module):
+    """A rotation prior split into ``bins`` bins: the program samples a discrete site ``theta_bin`` and then
+    ``theta`` within the bin (:meth:`sample`), the sites a pose search enumerates or samples.
+
+    Bin ``k`` is centred at ``2 pi k / K`` (wrapped to ``[-pi, pi)``, :func:`~pyro_svae.coords.bin_centres`;
+    bin 0 is upright), ``p(bin = k)`` is proportional to the theta prior's density at the centre, and within
+    a bin the angle is ``N(centre, pi / K)`` (:meth:`within_bin`), so that the bins tile the theta prior (a
+    uniform prior gives a nearly flat mixture on the circle).
+
+    ``enumerate=False``: sites ``theta_bin`` and ``theta | bin ~ N(centre, pi / K)``; guides enumerate the bin
+    (``TraceEnum_ELBO``) or sample it (``TraceGraph_ELBO``). ``enumerate=True`` moves the search into the
+    model: ``theta_bin`` is marked for parallel enumeration, ``theta_offset ~ N(0, pi / K)`` is a
+    continuous site shared by all bins and ``theta = centre + theta_offset`` a deterministic site, so
+    ``TraceEnum_ELBO`` sums the bin out exactly (the decoder renders every image at all K angles and the
+    likelihood picks the pose, as the exhaustive pose searches of cryo-EM do).
+    """
+
+    def __init__(self, bins: int, *, enumerate: bool = False) -> None:
+        super().__init__()
+        if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
+            raise ValueError(f"the number of rotation bins must be an integer >= 2, got {bins!r}")
+        self.bins = bins
+        self.enumerate = bool(enumerate)
+        self.bin_scale = math.pi / bins
+        self.register_buffer("centres", bin_centres(bins), persistent=False)
+
+    @property
+    def latent_sites(self) -> dict[str, tuple[int, ...]]:
+        """Its latent sample sites and their event shapes, in sampling order."""
+        return {"theta_bin": (), ("theta_offset" if self.enumerate else "theta"): ()}
+
+    def within_bin(self, centre: torch.Tensor) -> dist.Distribution:
+        """The angle within a bin: ``N(centre, pi / K)``."""
+        return dist.Normal(centre, self.bin_scale)
+
+    def sample(self, theta_prior: torch.distributions.Distribution) -> torch.Tensor:
+        """Sample ``theta_bin``, then the angle, for a ``theta_prior`` of event shape ``()``; returns
+        ``theta``."""
+        logits = theta_prior.log_prob(self.centres)
+        if self.enumerate:
+            bins = dist.Categorical(logits=logits)
+            index = pyro.sample("theta_bin", bins, infer={"enumerate": "parallel"})
+            offset = pyro.sample("theta_offset", self.within_bin(self.centres.new_zeros(())))
+            return pyro.deterministic("theta", self.centres[index] + offset)
+        index = pyro.sample("theta_bin", dist.Categorical(logits=logits))
+        return pyro.sample("theta", self.within_bin(self.centres[index]))
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, enumerate={self.enumerate}"
 
 
 def is_circular(distribution: torch.distributions.Distribution) -> bool:

@@ -422,3 +422,25 @@ def test_guides_gain_the_scale_site_with_a_positive_family():
     trace = poutine.trace(search).get_trace(torch.rand(4, 1, 8, 8))
     assert bool((trace.nodes["scale"]["value"] > 0).all())
     assert search.posterior_means(torch.rand(4, 1, 8, 8))["scale"].shape == (4,)
+
+
+def test_both_guides_share_one_base_for_calling_and_choosing_the_loss():
+    from pyro_svae.guides import EncoderGuide
+    from pyro_svae.pose_search import PoseSearchGuide
+
+    binned = SpatialVAE((8, 8), 2, hidden_dim=8, rotation_bins=4)
+    marginal = SpatialVAE((8, 8), 2, hidden_dim=8, rotation_bins=4, enumerate_bins=True)
+    losses = {
+        AmortizedGuide(SpatialVAE((8, 8), 2, hidden_dim=8), hidden_dim=8): pyro.infer.Trace_ELBO,
+        PoseSearchGuide(binned, "mlp", mode="enumerate", hidden_dim=8): pyro.infer.TraceEnum_ELBO,
+        PoseSearchGuide(binned, "mlp", mode="sample", hidden_dim=8): pyro.infer.TraceGraph_ELBO,
+        PoseSearchGuide(marginal, "mlp", hidden_dim=8): pyro.infer.TraceEnum_ELBO,
+    }
+    for guide, loss in losses.items():
+        assert isinstance(guide, EncoderGuide) and type(guide.default_loss(num_particles=2)) is loss
+        assert guide.default_loss(num_particles=2).num_particles == 2
+        values = guide.guide(torch.rand(3, 1, 8, 8), data_size=30)
+        summed_out = {"theta_bin"} if getattr(guide, "mode", None) == "marginal" else set()  # by the model
+        assert set(values) == set(guide.site_shapes) - summed_out
+        with pytest.raises(ValueError, match="needs the images"):
+            guide(None)

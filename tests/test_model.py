@@ -242,7 +242,7 @@ def test_ctf_filters_the_rendered_mean_before_the_gaussian_likelihood():
 
 
 def test_psf_blurs_the_rendered_mean_before_the_gaussian_likelihood():
-    from pyro_svae.ctf import gaussian_psf_2d
+    from pyro_svae.optics import gaussian_psf_2d
 
     model = SpatialVAE((2, 16, 16), 3, hidden_dim=16, psf_fwhm=2.5, likelihood="gaussian")
     images = torch.rand(4, 2, 16, 16)
@@ -280,10 +280,11 @@ def test_psf_blurs_the_rendered_mean_before_the_gaussian_likelihood():
 
 
 def test_psf_works_with_a_ctf_and_follows_the_module_device_and_dtype():
-    from pyro_svae.ctf import apply_ctf, ctf_2d, gaussian_psf_2d
+    from pyro_svae.ctf import apply_ctf, ctf_2d
+    from pyro_svae.optics import gaussian_psf_2d
 
     model = small_model(ctf=True, psf_fwhm=1.5, likelihood="gaussian").double()
-    assert model.psf_transfer.dtype == torch.float64
+    assert model.optics.psf.transfer_function.dtype == torch.float64
     images, ctf = torch.randn(2, 1, 6, 6, dtype=torch.float64), make_ctf(2, pixel_size=3.0)
     trace = poutine.trace(model).get_trace(images, ctf=ctf)
     z, theta, dx = (trace.nodes[name]["value"] for name in ("z", "theta", "dx"))

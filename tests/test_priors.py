@@ -216,3 +216,31 @@ def test_translation_priors_have_the_right_tails_and_support():
     ):
         with pytest.raises(ValueError, match="positive"):
             bad()
+
+
+def test_a_binned_rotation_prior_samples_a_bin_then_the_angle_within_it():
+    binned = priors.BinnedRotationPrior(4)
+    assert binned.latent_sites == {"theta_bin": (), "theta": ()} and binned.bin_scale == math.pi / 4
+    with pyro.plate("images", 3):
+        trace = poutine.trace(binned.sample).get_trace(normal_theta(0.5))
+    probs = trace.nodes["theta_bin"]["fn"].probs[0]
+    assert int(probs.argmax()) == 0 and float(probs[2]) < 1e-6  # bin 2 is pi away from the prior's mode
+    centre = binned.centres[trace.nodes["theta_bin"]["value"]]
+    assert torch.equal(trace.nodes["theta"]["fn"].loc, centre)
+    enumerated = priors.BinnedRotationPrior(4, enumerate=True)
+    assert list(enumerated.latent_sites) == ["theta_bin", "theta_offset"]
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match="integer >= 2"):
+            priors.BinnedRotationPrior(bad)
+
+
+def test_a_binned_model_holds_its_bins_and_rebuilds_them_from_its_config():
+    old_config = {"image_shape": [1, 8, 8], "z_dim": 2, "rotation_bins": 4, "enumerate_bins": True}
+    model = SpatialVAE(**old_config, hidden_dim=8)
+    assert isinstance(model.theta_bins, priors.BinnedRotationPrior) and model.theta_bins.enumerate
+    assert (model.rotation_bins, model.enumerate_bins) == (4, True)
+    assert model.config["rotation_bins"] == 4 and model.config["enumerate_bins"] is True
+    rebuilt = SpatialVAE(**model.config)
+    assert rebuilt.config == model.config and rebuilt.theta_bins.bins == 4 and rebuilt.enumerate_bins
+    plain = SpatialVAE((8, 8), 2, hidden_dim=8)
+    assert plain.theta_bins is None and plain.rotation_bins is None and not plain.enumerate_bins
