@@ -3,8 +3,8 @@
 Headline (2026-12-04, 2-core AMD EPYC, one thread): see the table this script prints and docs/cryoem.md.
 
 For each stack size (particles x box) the script writes a stack of noise particles (an ``.mrcs`` written
-through mrcfile's memory map, chunk by chunk), then, in a fresh process per configuration so that
-``ru_maxrss`` is that configuration's own peak resident memory:
+through mrcfile's memory map, chunk by chunk), then measures each configuration in a fresh process, whose
+peak resident memory (``VmHWM``) is then that configuration's own:
 
 - ``read``: one pass over the particles in random batches of 100, read and normalized (what an epoch's
   data loading costs), through ``runs.load_data`` with ``--cache-images always`` (everything read into
@@ -48,6 +48,16 @@ def write_stack(path: Path, count: int, box: int, chunk: int = 2000) -> None:
         mrc.voxel_size = 1.0
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: ``VmHWM``, which starts anew at ``exec`` (``ru_maxrss``
+    would also count the parent's pages at the fork that started this process)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure(stack: str, mode: str, cache: str) -> dict:
     """One configuration, in this process: seconds, images/s and the peak resident memory."""
     import torch
@@ -75,7 +85,7 @@ def measure(stack: str, mode: str, cache: str) -> dict:
         fit(model, guide, train, epochs=1, batch_size=100, learning_rate=1e-3, progress=False)
         count = len(train)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = _peak_rss()
     return {
         "load_seconds": round(loaded, 2),
         "seconds": round(seconds, 2),
