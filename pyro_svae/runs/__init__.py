@@ -37,6 +37,7 @@ from .config import (
     check_checkpoint_config,
     load_trained,
     make_config,
+    migrate_config,
     model_config,
     read_config,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "check_checkpoint_config",
     "load_trained",
     "make_config",
+    "migrate_config",
     "model_config",
     "read_config",
     "MIN_TEST_IMAGES",
