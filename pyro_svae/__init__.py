@@ -4,7 +4,8 @@ Images are functions of their pixel coordinates; pose (rotation ``theta``, trans
 transform of the coordinate grid, inferred by an amortized guide alongside the content ``z``.
 """
 
-from . import coords, data, likelihoods, metrics, priors
+from . import configs, coords, data, likelihoods, metrics, priors, registry
+from .configs import GuideConfig, ModelConfig, TrainConfig
 from .guides import AmortizedGuide
 from .infer import (
     DivergenceError,
@@ -22,8 +23,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AmortizedGuide",
     "DivergenceError",
+    "GuideConfig",
     "History",
+    "ModelConfig",
     "SpatialVAE",
+    "TrainConfig",
+    "configs",
     "coords",
     "data",
     "evaluate",
@@ -33,5 +38,6 @@ __all__ = [
     "posterior_means",
     "priors",
     "recovery_metrics",
+    "registry",
     "retain_freed_memory",
 ]

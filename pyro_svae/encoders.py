@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from .decoders import make_activation
+from .registry import register_encoder
 
 __all__ = ["ENCODERS", "CNNEncoder", "MLPEncoder", "make_encoder"]
 
 
+@register_encoder("mlp")
 class MLPEncoder(nn.Module):
     """The paper's inference network body: ``num_layers`` fully connected layers with an activation."""
 
@@ -40,6 +42,7 @@ class MLPEncoder(nn.Module):
         return self.net(images.flatten(-3))
 
 
+@register_encoder("cnn")
 class CNNEncoder(nn.Module):
     """A small convolutional encoder: ``len(channels)`` blocks of ``3x3`` convolution (stride 2) and an
     activation, then a fully connected layer to ``hidden_dim`` features.

@@ -507,3 +507,12 @@ class SpatialVAE(PyroModule):
     def model(self, *args, **kwargs) -> torch.Tensor:
         """The Pyro model callable (the same as calling the module)."""
         return self(*args, **kwargs)
+
+    @classmethod
+    def from_config(cls, config, *, name: str | None = None) -> SpatialVAE:
+        """A new model from a :class:`~pyro_svae.configs.ModelConfig` (or its ``to_dict()`` form)."""
+        from .configs import ModelConfig
+
+        if not isinstance(config, ModelConfig):
+            config = ModelConfig.from_dict(config)
+        return cls(**config.model_kwargs(), name=name)

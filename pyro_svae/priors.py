@@ -47,6 +47,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 
 from .coords import bin_centres
+from .registry import register_prior
 
 __all__ = [
     "BinnedRotationPrior",
@@ -152,11 +153,13 @@ def as_prior(
     return module
 
 
+@register_prior("standard_normal_z")
 def standard_normal_z(z_dim: int) -> dist.Distribution:
     """The paper's content prior ``z ~ N(0, I)``, event shape ``(z_dim,)``."""
     return dist.Normal(torch.zeros(z_dim), torch.ones(z_dim)).to_event(1)
 
 
+@register_prior("normal_theta")
 def normal_theta(std: float = math.pi / 4) -> dist.Distribution:
     """The paper's rotation prior ``theta ~ N(0, std)`` (radians), event shape ``()``."""
     if not std > 0:
@@ -164,6 +167,7 @@ def normal_theta(std: float = math.pi / 4) -> dist.Distribution:
     return dist.Normal(torch.tensor(0.0), torch.tensor(float(std)))
 
 
+@register_prior("normal_dx")
 def normal_dx(std: float = 0.1) -> dist.Distribution:
     """The paper's translation prior ``dx ~ N(0, std I)`` in grid units, event shape ``(2,)``."""
     if not std > 0:
@@ -171,6 +175,7 @@ def normal_dx(std: float = 0.1) -> dist.Distribution:
     return dist.Normal(torch.zeros(2), torch.full((2,), float(std))).to_event(1)
 
 
+@register_prior("log_normal_scale")
 def log_normal_scale(std: float = 0.25) -> dist.Distribution:
     """Magnification prior ``log s ~ N(0, std)`` (``std = 0.25``: sizes within about 1.6x either way at
     two standard deviations), event shape ``()``."""
@@ -241,6 +246,7 @@ class CircularUniform(dist.TorchDistribution):
         return torch.full_like(self.loc, math.pi**2 / 3)
 
 
+@register_prior("von_mises_theta")
 def von_mises_theta(loc: float = 0.0, concentration: float = 2.0) -> dist.Distribution:
     """``theta ~ VonMises(loc, concentration)``: a density on the circle, ``1 / concentration`` being
     roughly the variance for large concentration (``concentration = 1 / std**2``)."""
@@ -248,11 +254,13 @@ def von_mises_theta(loc: float = 0.0, concentration: float = 2.0) -> dist.Distri
     return dist.VonMises(torch.tensor(float(loc)), torch.tensor(float(concentration)))
 
 
+@register_prior("circular_uniform_theta")
 def circular_uniform_theta() -> dist.Distribution:
     """The flat prior on the circle (:class:`CircularUniform`): every in-plane rotation equally likely."""
     return CircularUniform(torch.tensor(0.0))
 
 
+@register_prior("symmetric_theta")
 def symmetric_theta(n: int, concentration: float = 4.0, loc: float = 0.0) -> dist.Distribution:
     """An equal mixture of ``n`` von Mises at ``loc + 2 pi k / n``, ``k = 0 .. n-1``.
 
@@ -271,6 +279,7 @@ def symmetric_theta(n: int, concentration: float = 4.0, loc: float = 0.0) -> dis
     )
 
 
+@register_prior("learnable_von_mises")
 class LearnableVonMises(PyroModule):
     """A von Mises prior on ``theta`` whose concentration is a learned parameter (``PyroParam``, kept
     positive), and optionally its location: an empirical-Bayes prior fitted by the same SVI run.
@@ -293,6 +302,7 @@ class LearnableVonMises(PyroModule):
         return dist.VonMises(self.loc, self.concentration)
 
 
+@register_prior("learnable_log_normal_scale")
 class LearnableLogNormalScale(PyroModule):
     """A log-normal magnification prior whose location (and optionally spread) is learned:
     ``log s ~ N(loc, std)``, an empirical-Bayes prior fitted by the same SVI run.
@@ -395,12 +405,14 @@ def is_circular(distribution: torch.distributions.Distribution) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Translation priors
 # --------------------------------------------------------------------------------------------------
+@register_prior("laplace_dx")
 def laplace_dx(scale: float = 0.1) -> dist.Distribution:
     """``dx ~ Laplace(0, scale)`` per component (grid units): sharper peak, heavier tails than Normal."""
     _positive(scale, "dx prior scale")
     return dist.Laplace(torch.zeros(2), torch.full((2,), float(scale))).to_event(1)
 
 
+@register_prior("student_t_dx")
 def student_t_dx(df: float = 3.0, scale: float = 0.1) -> dist.Distribution:
     """``dx ~ StudentT(df, 0, scale)`` per component: heavy tails for a few far-off-centre objects."""
     _positive(df, "Student-t degrees of freedom")
@@ -410,6 +422,7 @@ def student_t_dx(df: float = 3.0, scale: float = 0.1) -> dist.Distribution:
     ).to_event(1)
 
 
+@register_prior("uniform_box_dx")
 def uniform_box_dx(half_width: float = 0.2) -> dist.Distribution:
     """``dx`` uniform in the box ``[-half_width, half_width]^2`` (grid units).
 

@@ -27,6 +27,7 @@ import torch
 
 from .. import distributed, runs
 from ..checkpoint import load_checkpoint
+from ..configs import GuideConfig, ModelConfig, TrainConfig
 from ..data import posterior_pose_note
 from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
@@ -86,6 +87,9 @@ PARTICLE_DEFAULTS: dict[str, Any] = {
 GAUSSIAN_LIKELIHOODS = ("gaussian", "gaussian_learned", "gaussian_pixel")
 
 # Options a resumed run may change; every other setting comes from the run's config.json.
+# Options that are fields of TrainConfig of the same name.
+TRAINING_OPTIONS = ("epochs", "batch_size", "learning_rate", "seed", "eval_particles", "posterior_draws")
+
 RESUMABLE = ("epochs", "device", "no_progress", "resume", "distributed", "precision", "learning_rate")
 
 
@@ -524,9 +528,9 @@ def _build(
 ) -> tuple[SpatialVAE, AmortizedGuide | PoseSearchGuide]:
     hidden, layers = _value(args, "hidden_dim"), _value(args, "num_layers")
     vanilla = bool(args.vanilla)
-    model = SpatialVAE(
-        image_shape,
-        _value(args, "z_dim"),
+    model = ModelConfig(
+        image_shape=image_shape,
+        z_dim=_value(args, "z_dim"),
         rotate=False if vanilla else not args.no_rotate,
         translate=False if vanilla else not args.no_translate,
         vanilla=vanilla,
@@ -546,17 +550,19 @@ def _build(
         hidden_dim=args.decoder_hidden_dim or hidden,
         num_layers=args.decoder_layers or layers,
         activation=_value(args, "activation"),
-    )
+    ).build()
     encoder = {
         "hidden_dim": args.encoder_hidden_dim or hidden,
         "num_layers": args.encoder_layers or layers,
         "activation": _value(args, "activation"),
     }
     if args.pose_search is not None:
-        return model, PoseSearchGuide(model, "equivariant", mode=pose_search_mode, **encoder)
-    return model, AmortizedGuide(
-        model, augment_rotation=bool(args.augment_rotation), canonicalize=args.canonicalize, **encoder
-    )
+        guide = GuideConfig(kind="pose_search", encoder="equivariant", mode=pose_search_mode, **encoder)
+    else:
+        guide = GuideConfig(
+            augment_rotation=bool(args.augment_rotation), canonicalize=args.canonicalize, **encoder
+        )
+    return model, guide.build(model)
 
 
 def _describe(model: SpatialVAE) -> str:
@@ -739,20 +745,11 @@ def _main(args: argparse.Namespace) -> int:
                 "CTF filters before it meets the data: drop it, or add --no-ctf"
             )
         model.init_output_bias(train)
-    training = {
-        key: _value(args, key)
-        for key in (
-            "epochs",
-            "batch_size",
-            "learning_rate",
-            "seed",
-            "eval_particles",
-            "posterior_draws",
-            "precision",
-        )
-    }
-    training["init_output_bias"] = bool(args.init_output_bias)
-    training["precision"] = resolve_precision(training["precision"], device)
+    training = TrainConfig(
+        **{key: _value(args, key) for key in TRAINING_OPTIONS},
+        init_output_bias=bool(args.init_output_bias),
+        precision=resolve_precision(_value(args, "precision"), device),
+    )
     config = runs.make_config(model, guide, data=spec, training=training)
     label = spec.get("builtin") or _data_path(spec).name.split(".")[0]
     out = args.out or runs.new_run_dir(DEFAULTS["runs_dir"], label)

@@ -37,6 +37,7 @@ from .config import (
     check_checkpoint_config,
     load_trained,
     make_config,
+    migrate_config,
     model_config,
     read_config,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "check_checkpoint_config",
     "load_trained",
     "make_config",
+    "migrate_config",
     "model_config",
     "read_config",
     "MIN_TEST_IMAGES",
