@@ -329,9 +329,12 @@ def traversal_animation(
     means: Any | None = None,
     fps: int = 8,
     dpi: int = 80,
+    latents: tuple[Any, Any, str] | None = None,
 ) -> Path:
     """Write an animated GIF decoding ``z`` along a traversal (:func:`traversal_latents`), one frame per
-    step, at ``theta = 0``, ``dx = 0`` (and ``scale = 1``); returns ``path``.
+    step, at ``theta = 0``, ``dx = 0`` (and ``scale = 1``); returns ``path``. ``latents`` ``(z (steps,
+    z_dim), values (steps,), label)`` gives the path instead (e.g. a trajectory of
+    :func:`pyro_svae.analysis.pc_trajectory`); ``steps``, ``dim`` and ``means`` are then unused.
 
     Uses :class:`matplotlib.animation.FuncAnimation` with the Pillow writer; the file is written to a
     temporary name and moved into place. Every frame shares one grey (or colour) range, and its title
@@ -340,7 +343,12 @@ def traversal_animation(
     from matplotlib.animation import FuncAnimation, PillowWriter
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    z, values, label = traversal_latents(model, steps=steps, dim=dim, means=means)
+    if latents is None:
+        z, values, label = traversal_latents(model, steps=steps, dim=dim, means=means)
+    else:
+        z, values, label = latents
+        z = torch.as_tensor(_numpy(z), dtype=torch.float32).to(model.grid.device)
+        values = torch.as_tensor(_numpy(values), dtype=torch.float32).reshape(-1)
     zeros = z.new_zeros(z.shape[:-1])
     theta = zeros if getattr(model, "rotate", False) else None
     dx = z.new_zeros((*z.shape[:-1], 2)) if getattr(model, "translate", False) else None

@@ -1,5 +1,5 @@
-"""The ``pyro-svae`` command: ``train``, ``evaluate``, ``sample``, ``encode`` and ``simulate-particles`` (one
-module per command).
+"""The ``pyro-svae`` command: ``train``, ``evaluate``, ``sample``, ``encode``, ``analyze`` and
+``simulate-particles`` (one module per command).
 
 Each command module has ``add_args(parser)`` and ``main(args) -> int``. :func:`main` dispatches, turns
 every expected failure (bad data, bad options, a run folder that does not match its checkpoint) into one
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from ..checkpoint import CheckpointError
 from ..data import DataError
-from . import encode, evaluate, sample, simulate_particles, train
+from . import analyze, encode, evaluate, sample, simulate_particles, train
 from ._common import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
 __all__ = ["main", "build_parser", "UsageError", "EXIT_USAGE", "EXIT_INTERRUPTED"]
@@ -26,6 +26,7 @@ COMMANDS = {
     "evaluate": (evaluate, "re-evaluate a saved run on its test data or a given file"),
     "sample": (sample, "decode new images from a saved run"),
     "encode": (encode, "posterior pose, shift and z of every image of a file, stack or folder"),
+    "analyze": (analyze, "PCA, UMAP, k-means clusters, trajectories and a report of a run's z"),
     "simulate-particles": (
         simulate_particles,
         "simulate cryo-EM particles with ground truth as RELION .mrcs + .star files",

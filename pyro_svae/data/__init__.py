@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .cryosparc import read_cs, write_posterior_cs
+from .cryosparc import read_cs, write_class_cs, write_posterior_cs
 from .datasets import DataError, ImageDataset, LazyImages, as_image_tensor
 from .galaxies import hubble_deep_field, simulated_galaxies
 from .loaders import load_idx, load_image_folder, load_images, load_npy, read_idx, read_npy
@@ -19,6 +19,7 @@ from .particles import (
     read_stack,
     read_star,
     relion_to_pose,
+    write_class_star,
     write_particles,
     write_posterior_star,
 )
@@ -85,6 +86,8 @@ __all__ = [
     "read_indices",
     "read_cs",
     "write_posterior_cs",
+    "write_class_cs",
+    "write_class_star",
     "read_stack",
     "read_star",
     "load_particles",

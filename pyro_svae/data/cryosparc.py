@@ -29,7 +29,7 @@ from ..checkpoint import atomic_write
 from .datasets import DataError, ImageDataset
 from .loaders import _check_file
 
-__all__ = ["read_cs", "cs_particle_table", "write_posterior_cs"]
+__all__ = ["read_cs", "cs_particle_table", "write_posterior_cs", "write_class_cs"]
 
 # cryoSPARC CTF field -> (RELION column, factor to RELION's unit); the last two are optional
 _CS_CTF = {
@@ -144,3 +144,37 @@ def write_posterior_cs(
 
     atomic_write(path, save)
     return path
+
+
+def write_class_cs(path: str | os.PathLike, dataset: ImageDataset, classes, *, select=None) -> Path:
+    """Write the input ``.cs`` records of particles read from a ``.cs`` file (every input field, ``uid``
+    kept) plus ``pyro_svae/class`` (uint32, ``classes`` ``(N,)`` in the data set's order, e.g. k-means
+    cluster + 1), sorted by input row; ``select`` (a boolean mask or positions, in the data set's order)
+    writes only those particles. Replaced atomically; returns ``path``."""
+    array = dataset.info.get("cs")
+    if not isinstance(array, np.ndarray) or "uid" not in (array.dtype.names or ()):
+        raise DataError(f"{dataset.name}: a .cs subset needs particles read from a .cs file with uid")
+    n = len(dataset)
+    classes = np.asarray(classes.cpu().numpy() if hasattr(classes, "cpu") else classes)
+    if classes.shape != (n,) or not np.issubdtype(classes.dtype, np.integer):
+        raise DataError(f"classes: expected integers of shape ({n},), found {classes.dtype} {classes.shape}")
+    source = np.arange(n) if dataset.source_index is None else dataset.source_index.cpu().numpy()
+    order = np.argsort(source, kind="stable")
+    if select is not None:
+        keep = np.zeros(n, dtype=bool)
+        keep[np.asarray(select)] = True
+        order = order[keep[order]]
+    records = np.asarray(array)[source[order]]
+    names = [name for name in records.dtype.names if name != "pyro_svae/class"]
+    descr = [(name, records.dtype.fields[name][0]) for name in names] + [("pyro_svae/class", "<u4")]
+    out = np.empty(len(order), dtype=descr)
+    for name in names:
+        out[name] = records[name]
+    out["pyro_svae/class"] = classes[order].astype(np.uint32)
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, out)
+
+    atomic_write(path, save)
+    return Path(path)

@@ -57,6 +57,7 @@ from .stream import ParticleImages, stack_file
 
 __all__ = [
     "relion_to_pose",
+    "write_class_star",
     "pose_to_relion",
     "read_stack",
     "read_star",
@@ -980,6 +981,57 @@ def _rename_input(table: pd.DataFrame, column: str) -> pd.DataFrame:
     return table.rename(columns={column: target})
 
 
+def _input_table(dataset: ImageDataset) -> tuple[pd.DataFrame, np.ndarray]:
+    """``(table, order)``: the input STAR rows of the data set's particles sorted by ``source_index`` (every
+    input column; a bare stack's rows get ``rlnImageName`` ``k@/absolute/stack``; without a STAR, a table
+    of ``pyroSvaeIndex``) and ``order``, the data set's positions in that row order."""
+    n = len(dataset)
+    source = (
+        np.arange(n) if dataset.source_index is None else dataset.source_index.cpu().numpy().astype(np.int64)
+    )
+    order = np.argsort(source, kind="stable")
+    star = dataset.info.get("star")
+    if isinstance(star, pd.DataFrame):
+        if source.min() < 0 or source.max() >= len(star):
+            raise DataError(
+                f"{dataset.name}: source_index runs to {int(source.max())}, "
+                f"the input STAR has {len(star)} rows"
+            )
+        table = star.iloc[source[order]].reset_index(drop=True)
+    else:
+        table = pd.DataFrame({"pyroSvaeIndex": source[order]})
+    stack = dataset.info.get("stack_path")
+    if stack:  # a bare stack, or a stack whose CTF rows came from a STAR file: row k is image k
+        absolute = Path(stack).resolve()
+        table = table.drop(columns="rlnImageName", errors="ignore")
+        table.insert(0, "rlnImageName", [f"{i + 1:06d}@{absolute}" for i in source[order]])
+    return table, order
+
+
+def write_class_star(path: str | os.PathLike, dataset: ImageDataset, classes, *, select=None) -> Path:
+    """Write the input particles with ``rlnClassNumber`` = ``classes`` ``(N,)`` (integers, in the data
+    set's order; e.g. k-means cluster + 1) for RELION's Subset selection; returns ``path``.
+
+    Rows are the input STAR rows, every column kept and ``rlnImageName`` exactly as given (as
+    :func:`write_posterior_star`: read the file from the input's project directory), sorted by input row;
+    an input ``rlnClassNumber`` is kept as ``pyroSvaeInputClassNumber``. ``select`` (a boolean mask or
+    positions, in the data set's order) writes only those particles. The optics table is kept; the file is
+    replaced atomically."""
+    n = len(dataset)
+    classes = np.asarray(classes.cpu().numpy() if isinstance(classes, torch.Tensor) else classes)
+    if classes.shape != (n,) or not np.issubdtype(classes.dtype, np.integer):
+        raise DataError(f"classes: expected integers of shape ({n},), found {classes.dtype} {classes.shape}")
+    table, order = _input_table(dataset)
+    table = _rename_input(table, "rlnClassNumber")
+    table["rlnClassNumber"] = classes[order].astype(np.int64)
+    if select is not None:
+        keep = np.zeros(n, dtype=bool)
+        keep[np.asarray(select)] = True
+        table = table[keep[order]].reset_index(drop=True)
+    optics = dataset.info.get("optics")
+    return _write_star(Path(path), table, optics if isinstance(optics, pd.DataFrame) else None)
+
+
 def write_posterior_star(
     path: str | os.PathLike,
     dataset: ImageDataset,
@@ -1026,25 +1078,7 @@ def write_posterior_star(
     z_mean = _rows(z_mean, n, "z_mean", 0)
     z_std = _rows(z_std, n, "z_std", 0)
 
-    source = (
-        np.arange(n) if dataset.source_index is None else dataset.source_index.cpu().numpy().astype(np.int64)
-    )
-    order = np.argsort(source, kind="stable")
-    star = dataset.info.get("star")
-    if isinstance(star, pd.DataFrame):
-        if source.min() < 0 or source.max() >= len(star):
-            raise DataError(
-                f"{dataset.name}: source_index runs to {int(source.max())}, "
-                f"the input STAR has {len(star)} rows"
-            )
-        table = star.iloc[source[order]].reset_index(drop=True)
-    else:
-        table = pd.DataFrame({"pyroSvaeIndex": source[order]})
-    stack = dataset.info.get("stack_path")
-    if stack:  # a bare stack, or a stack whose CTF rows came from a STAR file: row k is image k
-        absolute = Path(stack).resolve()
-        table = table.drop(columns="rlnImageName", errors="ignore")
-        table.insert(0, "rlnImageName", [f"{i + 1:06d}@{absolute}" for i in source[order]])
+    table, order = _input_table(dataset)
     stale = [c for c in table.columns if c.startswith(_POSTERIOR_PREFIXES)]
     table = table.drop(columns=stale)
 
