@@ -104,6 +104,7 @@ def _particles(args: argparse.Namespace, config: dict) -> ImageDataset:
         ctf=args.ctf,
         pixel_size=args.pixel_size or trained.get("pixel_size"),
         project_dir=args.project_dir,
+        stream=True,  # one pass: each batch is read from the stacks when it is encoded
     )
     if not trained.get("use_ctf", True) and data.ctf is not None:
         data = replace(data, ctf=None)
