@@ -1,6 +1,8 @@
 """Particle stacks at scale: peak memory and images/s, read into memory or streamed from disk.
 
-Headline (2026-12-04, 2-core AMD EPYC, one thread): see the table this script prints and docs/cryoem.md.
+Headline (2026-12-04, 2-core AMD EPYC, one thread): a 50,000 x 128 x 128 stack (3.1 GiB) trains one epoch
+streamed at 650 images/s with a peak resident memory of 648 MiB, against 12.1 GiB to read it into memory as
+before; the full table is in docs/cryoem.md ("Real data sets").
 
 For each stack size (particles x box) the script writes a stack of noise particles (an ``.mrcs`` written
 through mrcfile's memory map, chunk by chunk), then measures each configuration in a fresh process, whose
