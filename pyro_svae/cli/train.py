@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import re
 import sys
 import time
 import warnings
@@ -28,7 +29,7 @@ import torch
 
 from .. import distributed, runs
 from ..checkpoint import load_checkpoint
-from ..configs import GuideConfig, ModelConfig, TrainConfig
+from ..configs import GuideConfig, ModelConfig, TrainConfig, check_compatible
 from ..data import posterior_pose_note
 from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
@@ -86,12 +87,8 @@ PARTICLE_DEFAULTS: dict[str, Any] = {
     "theta_prior": math.pi,
     "pose_search_mode": "marginal",
 }
-GAUSSIAN_LIKELIHOODS = ("gaussian", "gaussian_learned", "gaussian_pixel")
 
 # Options a resumed run may change; every other setting comes from the run's config.json.
-# Options that are fields of TrainConfig of the same name.
-TRAINING_OPTIONS = ("epochs", "batch_size", "learning_rate", "seed", "eval_particles", "posterior_draws")
-
 RESUMABLE = ("epochs", "device", "no_progress", "resume", "distributed", "precision", "learning_rate")
 
 
@@ -583,80 +580,74 @@ def _check_contradictions(args: argparse.Namespace) -> None:
         if getattr(args, key) is not None and not args.scale:
             raise UsageError(f"{_flag(key)} is about the prior of the scale site: add --scale")
     pose_off = "--vanilla" if args.vanilla else "--no-rotate" if args.no_rotate else None
-    for key in ("augment_rotation", "canonicalize", "pose_search"):
+    for key in ("augment_rotation", "canonicalize"):  # the guide's config does not know the model's pose
         if getattr(args, key) is not None and pose_off:
             raise UsageError(f"{pose_off} turns rotation off, so {_flag(key)} cannot apply")
-    if args.canonicalize is not None and args.augment_rotation:
-        raise UsageError("--canonicalize turns every image upright, so --augment-rotation cannot apply")
-    if args.vanilla and args.scale:
-        raise UsageError("--vanilla has no pose latents, so --scale cannot apply")
     if args.pose_search_mode is not None and args.pose_search is None:
         raise UsageError("--pose-search-mode chooses how --pose-search sums its bins: add --pose-search K")
-    if args.pose_search is not None:
-        if args.pose_search < 2:
-            raise UsageError(f"--pose-search needs at least 2 rotation bins, got {args.pose_search}")
-        for key in ("augment_rotation", "canonicalize"):
-            if getattr(args, key) is not None:
-                raise UsageError(f"--pose-search searches all rotations itself, so {_flag(key)} cannot apply")
-        if args.pixel_subsample is not None:
-            raise UsageError(
-                "--pose-search enumerates rotation bins, which cannot nest the pixels plate of "
-                "--pixel-subsample: give one of them"
-            )
-    if args.psf_fwhm is not None and args.pixel_subsample is not None:
-        raise UsageError("--psf-fwhm blurs whole images, so --pixel-subsample cannot apply: give one of them")
-    if args.vanilla:
-        for key in ("pixel_subsample", "compile", "coord_frequency"):
-            if getattr(args, key):
-                raise UsageError(f"{_flag(key)} applies to the spatial decoder, not to --vanilla")
+    if args.pose_search is not None and args.pose_search < 2:
+        raise UsageError(f"--pose-search needs at least 2 rotation bins, got {args.pose_search}")
 
 
-def _build(
+def _config_fields(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``model``, ``guide`` and ``training`` fields the options set, through :data:`OPTIONS`' targets.
+    An option not given takes its value from ``defaults``, else leaves the config's own default; a later
+    option of the table overrides an earlier one of the same field (``--decoder-hidden-dim`` over
+    ``--hidden-dim``)."""
+    fields: dict[str, dict[str, Any]] = {"model": {}, "guide": {}, "training": {}}
+    for option in OPTIONS:
+        value = getattr(args, option.dest)
+        if value is None and option.dest not in defaults:
+            continue
+        if value is None:
+            value = defaults[option.dest]
+        elif option.convert is not None:
+            value = option.convert(value)
+        for target in option.targets:
+            section, field = target.split(".")
+            fields[section][field] = value
+    return fields
+
+
+def _configs(
     args: argparse.Namespace,
     image_shape: tuple[int, ...],
     *,
-    likelihood: str,
-    theta_prior: float,
+    defaults: dict[str, Any],
     ctf: bool,
-    pose_search_mode: str = DEFAULTS["pose_search_mode"],
-) -> tuple[SpatialVAE, AmortizedGuide | PoseSearchGuide]:
-    hidden, layers = _value(args, "hidden_dim"), _value(args, "num_layers")
-    vanilla = bool(args.vanilla)
-    model = ModelConfig(
-        image_shape=image_shape,
-        z_dim=_value(args, "z_dim"),
-        rotate=False if vanilla else not args.no_rotate,
-        translate=False if vanilla else not args.no_translate,
-        vanilla=vanilla,
-        theta_prior_std=theta_prior,
-        dx_prior_std=_value(args, "dx_prior"),
-        rotation_bins=args.pose_search,
-        enumerate_bins=args.pose_search is not None and pose_search_mode == "marginal",
-        scale=bool(args.scale),
-        scale_prior="learned" if args.learn_scale_prior else None,
-        scale_prior_std=_value(args, "scale_prior"),
-        ctf=ctf,
-        pixel_subsample=args.pixel_subsample,
-        compile=bool(args.compile),
-        psf_fwhm=args.psf_fwhm,
-        coord_frequency=args.coord_frequency or 1.0,
-        likelihood=likelihood,
-        hidden_dim=args.decoder_hidden_dim or hidden,
-        num_layers=args.decoder_layers or layers,
-        activation=_value(args, "activation"),
-    ).build()
-    encoder = {
-        "hidden_dim": args.encoder_hidden_dim or hidden,
-        "num_layers": args.encoder_layers or layers,
-        "activation": _value(args, "activation"),
-    }
-    if args.pose_search is not None:
-        guide = GuideConfig(kind="pose_search", encoder="equivariant", mode=pose_search_mode, **encoder)
-    else:
-        guide = GuideConfig(
-            augment_rotation=bool(args.augment_rotation), canonicalize=args.canonicalize, **encoder
-        )
-    return model, guide.build(model)
+    device: torch.device,
+) -> tuple[ModelConfig, GuideConfig, TrainConfig]:
+    """The run's configurations from the options; the rules between options are the config classes'
+    (their ``ValueError`` reported as a usage error naming the flags)."""
+    fields = _config_fields(args, defaults)
+    model, guide, training = fields["model"], fields["guide"], fields["training"]
+    mode = guide.pop("mode")
+    if model.get("rotation_bins") is not None:
+        model["enumerate_bins"] = mode == "marginal"
+        guide.update(kind="pose_search", encoder="equivariant", mode=mode)
+    training["precision"] = resolve_precision(_value(args, "precision"), device)
+    try:
+        model_config = ModelConfig(image_shape=image_shape, ctf=ctf, **model)
+        guide_config = GuideConfig(**guide)
+        training_config = TrainConfig(**training)
+        check_compatible(model_config, training_config)
+    except ValueError as error:
+        raise UsageError(_in_flags(str(error), ctf=ctf)) from None
+    return model_config, guide_config, training_config
+
+
+def _in_flags(message: str, *, ctf: bool) -> str:
+    """A config's message with its field names as the flags that set them (``ctf``: the data's CTF)."""
+    names: dict[str, str] = {"vanilla=True": "--vanilla", "ctf=True": "the CTF", "ctf": "the CTF"}
+    for option in OPTIONS:
+        for target in option.targets:
+            names.setdefault(target.split(".")[1], _flag(option.dest))
+    del names["likelihood"]  # also a plain word of the messages
+    alternatives = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+    text = re.sub(rf"(?<![\w.-])({alternatives})(?![\w=])", lambda m: names[m.group(1)], message)
+    if ctf and "the CTF" in text and "--no-ctf" not in text:
+        text += "; --no-ctf ignores the CTF"
+    return text
 
 
 def _describe(model: SpatialVAE) -> str:
@@ -760,32 +751,9 @@ def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _check_data_options(
-    args: argparse.Namespace, spec: dict[str, Any], train, *, likelihood: str, ctf: bool
-) -> None:
-    """Contradictions between options and what the data turned out to be."""
-    if ctf and likelihood not in GAUSSIAN_LIKELIHOODS:
-        raise UsageError(
-            f"--likelihood {likelihood} cannot score CTF-filtered particles: use one of "
-            f"{', '.join(GAUSSIAN_LIKELIHOODS)}, or ignore the CTF with --no-ctf"
-        )
-    if args.psf_fwhm is not None and likelihood not in GAUSSIAN_LIKELIHOODS:
-        raise UsageError(
-            f"--likelihood {likelihood} cannot score PSF-blurred images (--psf-fwhm): use one of "
-            f"{', '.join(GAUSSIAN_LIKELIHOODS)}"
-        )
-    if args.pixel_subsample is not None:
-        if ctf:
-            raise UsageError(
-                "--pixel-subsample renders pixels independently, but the CTF mixes all pixels of a "
-                "particle: add --no-ctf or drop --pixel-subsample"
-            )
-        _, height, width = train.image_shape
-        if args.pixel_subsample > height * width:
-            raise UsageError(
-                f"--pixel-subsample {args.pixel_subsample} is more than the {height * width} pixels "
-                f"of a {height}x{width} image"
-            )
+def _check_data_options(args: argparse.Namespace, spec: dict[str, Any], train, *, ctf: bool) -> None:
+    """Contradictions between options and what the data turned out to be (the model's options are
+    checked by its config)."""
     translate = not (args.vanilla or args.no_translate)
     if spec.get("particles") and translate and train.info.get("pixel_size") is None and not ctf:
         raise UsageError(
@@ -814,36 +782,19 @@ def _main(args: argparse.Namespace) -> int:
     _check_precision(_value(args, "precision"), device)
     spec = _data_spec(args)
     train, test = runs.load_data(spec)
-    particles = runs.is_particle_spec(spec)
-    defaults = PARTICLE_DEFAULTS if particles else DEFAULTS
-    likelihood = args.likelihood or defaults["likelihood"]
-    theta_prior = args.theta_prior or defaults["theta_prior"]
-    pose_search_mode = args.pose_search_mode or defaults["pose_search_mode"]
+    defaults = {**DEFAULTS, **PARTICLE_DEFAULTS} if runs.is_particle_spec(spec) else DEFAULTS
     ctf = train.ctf is not None
-    _check_data_options(args, spec, train, likelihood=likelihood, ctf=ctf)
-    runs.check_images(train, test, likelihood)
+    model_config, guide_config, training = _configs(
+        args, train.image_shape, defaults=defaults, ctf=ctf, device=device
+    )
+    _check_data_options(args, spec, train, ctf=ctf)
+    runs.check_images(train, test, model_config.likelihood)
     pyro.clear_param_store()
-    pyro.set_rng_seed(_value(args, "seed"))  # the initial weights depend on the seed alone
-    model, guide = _build(
-        args,
-        train.image_shape,
-        likelihood=likelihood,
-        theta_prior=theta_prior,
-        ctf=ctf,
-        pose_search_mode=pose_search_mode,
-    )
-    if args.init_output_bias:
-        if ctf:
-            raise UsageError(
-                "--init-output-bias sets the decoder's output to the images' mean, which the particles' "
-                "CTF filters before it meets the data: drop it, or add --no-ctf"
-            )
+    pyro.set_rng_seed(training.seed)  # the initial weights depend on the seed alone
+    model = model_config.build()
+    guide = guide_config.build(model)
+    if training.init_output_bias:
         model.init_output_bias(train)
-    training = TrainConfig(
-        **{key: _value(args, key) for key in TRAINING_OPTIONS},
-        init_output_bias=bool(args.init_output_bias),
-        precision=resolve_precision(_value(args, "precision"), device),
-    )
     config = runs.make_config(model, guide, data=spec, training=training)
     label = spec.get("builtin") or _data_path(spec).name.split(".")[0]
     out = args.out or runs.new_run_dir(DEFAULTS["runs_dir"], label)
