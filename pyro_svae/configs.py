@@ -170,19 +170,27 @@ class ModelConfig:
             if pose:
                 raise ValueError(f"vanilla=True has no pose sites, so {' and '.join(pose)} cannot apply")
             if spatial:
-                raise ValueError(f"{' and '.join(spatial)} apply to the spatial decoder, not to vanilla=True")
+                verb = "applies" if len(spatial) == 1 else "apply"
+                raise ValueError(
+                    f"{' and '.join(spatial)} {verb} to the spatial decoder, not to vanilla=True"
+                )
         if self.rotation_bins is not None and not self.rotate:
             raise ValueError("rotation_bins searches rotations: it needs a model that rotates")
         if self.enumerate_bins and self.rotation_bins is None:
             raise ValueError("enumerate_bins=True sums over rotation bins: give rotation_bins=K as well")
-        for option, chosen in (("ctf=True", self.ctf), ("psf_fwhm", self.psf_fwhm is not None)):
+        if self.pixel_subsample is not None:
+            self._check_pixel_subsample()
+        filters = (
+            ("ctf=True", self.ctf, "CTF-filtered particles"),
+            ("psf_fwhm", self.psf_fwhm, "PSF-blurred images"),
+        )
+        for option, chosen, filtered in filters:
             if chosen and not getattr(LIKELIHOODS[self.likelihood], "linear_mean", False):
                 raise ValueError(
                     f"{option} filters the decoder's mean image, which needs a Gaussian likelihood "
-                    f"({', '.join(gaussian_likelihoods())}), got {self.likelihood}"
+                    f"({', '.join(gaussian_likelihoods())}): the {self.likelihood} likelihood cannot score "
+                    f"{filtered}"
                 )
-        if self.pixel_subsample is not None:
-            self._check_pixel_subsample()
 
     def _check_pixel_subsample(self) -> None:
         mixing = [name for name, on in (("ctf", self.ctf), ("psf_fwhm", self.psf_fwhm is not None)) if on]
@@ -193,7 +201,8 @@ class ModelConfig:
             )
         if self.rotation_bins is not None:
             raise ValueError(
-                "rotation_bins enumerates bins, which cannot nest the pixels plate of pixel_subsample"
+                "rotation_bins enumerates rotation bins, which cannot nest the pixels plate of "
+                "pixel_subsample: give one of them"
             )
         _, height, width = self.image_shape
         if self.pixel_subsample > height * width:

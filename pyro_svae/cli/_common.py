@@ -18,6 +18,8 @@ __all__ = [
     "non_negative_int",
     "positive_float",
     "add_device_arg",
+    "device_type",
+    "DEVICE_HELP",
     "InterruptGuard",
 ]
 
@@ -59,15 +61,12 @@ def _device(text: str) -> str:
     return text
 
 
+device_type = _device
+DEVICE_HELP = "'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', 'cuda' or 'cuda:N' (default: auto)"
+
+
 def add_device_arg(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    parser.add_argument(
-        "-d",
-        "--device",
-        type=_device,
-        default=default,
-        metavar="DEVICE",
-        help="'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', 'cuda' or 'cuda:N' (default: auto)",
-    )
+    parser.add_argument("-d", "--device", type=_device, default=default, metavar="DEVICE", help=DEVICE_HELP)
 
 
 class InterruptGuard:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
+import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ import torch
 
 from .. import distributed, runs
 from ..checkpoint import load_checkpoint
-from ..configs import GuideConfig, ModelConfig, TrainConfig
+from ..configs import GuideConfig, ModelConfig, TrainConfig, check_compatible
 from ..data import posterior_pose_note
 from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
@@ -37,10 +39,11 @@ from ..model import SpatialVAE
 from ..pose_search import PoseSearchGuide
 from ..runtime import PRECISIONS, check_precision, resolve_device, resolve_precision, retain_freed_memory
 from ._common import (
+    DEVICE_HELP,
     EXIT_USAGE,
     InterruptGuard,
     UsageError,
-    add_device_arg,
+    device_type,
     non_negative_int,
     positive_float,
     positive_int,
@@ -84,368 +87,456 @@ PARTICLE_DEFAULTS: dict[str, Any] = {
     "theta_prior": math.pi,
     "pose_search_mode": "marginal",
 }
-GAUSSIAN_LIKELIHOODS = ("gaussian", "gaussian_learned", "gaussian_pixel")
 
 # Options a resumed run may change; every other setting comes from the run's config.json.
-# Options that are fields of TrainConfig of the same name.
-TRAINING_OPTIONS = ("epochs", "batch_size", "learning_rate", "seed", "eval_particles", "posterior_draws")
-
 RESUMABLE = ("epochs", "device", "no_progress", "resume", "distributed", "precision", "learning_rate")
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Options mirror the original spatial-VAE scripts (aliases in brackets)."""
-    d = DEFAULTS
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        metavar="NAME|FILE|DIR",
-        help="a built-in data set (rotated_mnist, rotated_translated_mnist, uniform_rotated_mnist, "
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One ``pyro-svae train`` option: its argparse entry and what it sets.
+
+    ``target``: the config fields the option's value goes to, ``"section.field"`` (``model``, ``guide``,
+    ``training``); ``None`` for options the CLI reads itself (data, run folder, device). ``convert`` maps a
+    given value to the field's (``--no-rotate`` -> ``rotate=False``). ``default=None`` is the placeholder
+    of an option not given (its default comes from :data:`DEFAULTS`, or the config's own)."""
+
+    flags: tuple[str, ...]
+    group: str
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple[Any, ...] | None = None
+    metavar: str | None = None
+    action: str | None = None
+    default: Any = None
+    target: str | tuple[str, ...] | None = None
+    convert: Callable[[Any], Any] | None = None
+
+    @property
+    def dest(self) -> str:
+        return next(f for f in self.flags if f.startswith("--"))[2:].replace("-", "_")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (self.target,) if isinstance(self.target, str) else self.target or ()
+
+    def add_to(self, group: argparse._ArgumentGroup) -> None:
+        extra = {k: getattr(self, k) for k in ("type", "choices", "metavar", "action") if getattr(self, k)}
+        group.add_argument(*self.flags, default=self.default, help=self.help, **extra)
+
+
+_d = DEFAULTS
+_off = lambda given: not given  # noqa: E731 - a --no-X flag given sets X=False
+_DATA, _CRYO, _MODEL, _TRAINING, _RUN = "data", "cryo-EM particles", "model", "training", "run folder"
+OPTIONS: tuple[Option, ...] = (
+    # data
+    Option(
+        ("--data",),
+        _DATA,
+        "a built-in data set (rotated_mnist, rotated_translated_mnist, uniform_rotated_mnist, "
         "hubble_galaxies, simulated_galaxies, simulated_particles), an image file: .npy (N, H, W) / "
         "(N, C, H, W) or MNIST IDX, or a folder of PNG/JPEG/.npy/FITS cut-outs of one size "
-        f"(default: {d['data']})",
-    )
-    data.add_argument("--labels", metavar="FILE", help="class labels of --data (.npy or IDX), optional")
-    data.add_argument(
-        "--test-data", metavar="FILE", help="test images (default: hold out --test-size of --data)"
-    )
-    data.add_argument("--test-labels", metavar="FILE", help="class labels of --test-data")
-    data.add_argument(
-        "--test-size",
+        f"(default: {_d['data']})",
+        metavar="NAME|FILE|DIR",
+    ),
+    Option(("--labels",), _DATA, "class labels of --data (.npy or IDX), optional", metavar="FILE"),
+    Option(("--test-data",), _DATA, "test images (default: hold out --test-size of --data)", metavar="FILE"),
+    Option(("--test-labels",), _DATA, "class labels of --test-data", metavar="FILE"),
+    Option(
+        ("--test-size",),
+        _DATA,
+        "images held out for testing: a count, or a fraction when below 1 (default: 10%% of a "
+        "file; 1000 for a built-in data set)",
         type=positive_float,
         metavar="N",
-        help="images held out for testing: a count, or a fraction when below 1 (default: 10%% of a "
-        "file; 1000 for a built-in data set)",
-    )
-    data.add_argument(
-        "--train-size",
+    ),
+    Option(
+        ("--train-size",),
+        _DATA,
+        "use only the first N training images (quick trials)",
         type=positive_int,
         metavar="N",
-        help="use only the first N training images (quick trials)",
-    )
-
-    cryo = parser.add_argument_group("cryo-EM particles")
-    cryo.add_argument(
-        "--particles",
-        metavar="FILE",
-        help="particle images: a RELION .star or cryoSPARC .cs file (CTF from its columns) or an "
+    ),
+    # cryo-EM particles
+    Option(
+        ("--particles",),
+        _CRYO,
+        "particle images: a RELION .star or cryoSPARC .cs file (CTF from its columns) or an "
         ".mrcs/.mrc/.npy stack (then --ctf gives its CTF rows)",
-    )
-    cryo.add_argument(
-        "--ctf", metavar="FILE.star", help="CTF parameters of a --particles stack, one row per image"
-    )
-    cryo.add_argument(
-        "--ind",
         metavar="FILE",
-        help="train on these particles only: 0-based indices, .npy or .txt (as cryoDRGN's --ind)",
-    )
-    cryo.add_argument(
-        "--cache-images",
-        choices=runs.CACHE_CHOICES,
-        help="read the particles into memory once: 'auto' when they take at most 1 GiB, else they are read "
+    ),
+    Option(
+        ("--ctf",), _CRYO, "CTF parameters of a --particles stack, one row per image", metavar="FILE.star"
+    ),
+    Option(
+        ("--ind",),
+        _CRYO,
+        "train on these particles only: 0-based indices, .npy or .txt (as cryoDRGN's --ind)",
+        metavar="FILE",
+    ),
+    Option(
+        ("--cache-images",),
+        _CRYO,
+        "read the particles into memory once: 'auto' when they take at most 1 GiB, else they are read "
         "from their stacks batch by batch (default: auto)",
-    )
-    cryo.add_argument(
-        "--pixel-size",
+        choices=runs.CACHE_CHOICES,
+    ),
+    Option(
+        ("--pixel-size",),
+        _CRYO,
+        "pixel size in Å where the files do not give it (STAR optics, MRC header)",
         type=positive_float,
         metavar="A",
-        help="pixel size in Å where the files do not give it (STAR optics, MRC header)",
-    )
-    cryo.add_argument(
-        "--no-ctf",
+    ),
+    Option(
+        ("--no-ctf",),
+        _CRYO,
+        "ignore the CTF even when the particles carry one (default: model it when present)",
         action="store_true",
-        default=None,
-        help="ignore the CTF even when the particles carry one (default: model it when present)",
-    )
-    cryo.add_argument(
-        "--box", type=positive_int, metavar="N", help="Fourier-crop the particles to N x N pixels"
-    )
-    cryo.add_argument(
-        "--no-normalize",
+    ),
+    Option(("--box",), _CRYO, "Fourier-crop the particles to N x N pixels", type=positive_int, metavar="N"),
+    Option(
+        ("--no-normalize",),
+        _CRYO,
+        "keep pixel values (default: zero mean, unit std of each particle's background)",
         action="store_true",
-        default=None,
-        help="keep pixel values (default: zero mean, unit std of each particle's background)",
-    )
-    cryo.add_argument(
-        "--invert", action="store_true", default=None, help="multiply the particles by -1 (dark -> light)"
-    )
-    cryo.add_argument(
-        "--mask-radius",
+    ),
+    Option(("--invert",), _CRYO, "multiply the particles by -1 (dark -> light)", action="store_true"),
+    Option(
+        ("--mask-radius",),
+        _CRYO,
+        "normalization: the background lies outside this radius, pixels of the (cropped) box "
+        "(default: 0.75 x box / 2, RELION's)",
         type=positive_float,
         metavar="PX",
-        help="normalization: the background lies outside this radius, pixels of the (cropped) box "
-        "(default: 0.75 x box / 2, RELION's)",
-    )
-
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "-z",
-        "--z-dim",
+    ),
+    # model
+    Option(
+        ("-z", "--z-dim"),
+        _MODEL,
+        f"dimension of the content z (default: {_d['z_dim']})",
         type=positive_int,
         metavar="N",
-        help=f"dimension of the content z (default: {d['z_dim']})",
-    )
-    model.add_argument(
-        "--hidden-dim",
+        target="model.z_dim",
+    ),
+    Option(
+        ("--hidden-dim",),
+        _MODEL,
+        f"hidden units of encoder and decoder layers (default: {_d['hidden_dim']})",
         type=positive_int,
         metavar="N",
-        help=f"hidden units of encoder and decoder layers (default: {d['hidden_dim']})",
-    )
-    model.add_argument(
-        "--num-layers",
+        target=("model.hidden_dim", "guide.hidden_dim"),
+    ),
+    Option(
+        ("--num-layers",),
+        _MODEL,
+        f"hidden layers of encoder and decoder (default: {_d['num_layers']})",
         type=positive_int,
         metavar="N",
-        help=f"hidden layers of encoder and decoder (default: {d['num_layers']})",
-    )
-    model.add_argument(
-        "--encoder-hidden-dim",
-        "--q-hidden-dim",
+        target=("model.num_layers", "guide.num_layers"),
+    ),
+    Option(
+        ("--encoder-hidden-dim", "--q-hidden-dim"),
+        _MODEL,
+        "hidden units of the encoder (default: --hidden-dim)",
         type=positive_int,
         metavar="N",
-        help="hidden units of the encoder (default: --hidden-dim)",
-    )
-    model.add_argument(
-        "--encoder-layers",
-        "--q-num-layers",
+        target="guide.hidden_dim",
+    ),
+    Option(
+        ("--encoder-layers", "--q-num-layers"),
+        _MODEL,
+        "hidden layers of the encoder (default: --num-layers)",
         type=positive_int,
         metavar="N",
-        help="hidden layers of the encoder (default: --num-layers)",
-    )
-    model.add_argument(
-        "--decoder-hidden-dim",
-        "--p-hidden-dim",
+        target="guide.num_layers",
+    ),
+    Option(
+        ("--decoder-hidden-dim", "--p-hidden-dim"),
+        _MODEL,
+        "hidden units of the decoder (default: --hidden-dim)",
         type=positive_int,
         metavar="N",
-        help="hidden units of the decoder (default: --hidden-dim)",
-    )
-    model.add_argument(
-        "--decoder-layers",
-        "--p-num-layers",
+        target="model.hidden_dim",
+    ),
+    Option(
+        ("--decoder-layers", "--p-num-layers"),
+        _MODEL,
+        "hidden layers of the decoder (default: --num-layers)",
         type=positive_int,
         metavar="N",
-        help="hidden layers of the decoder (default: --num-layers)",
-    )
-    model.add_argument(
-        "-a",
-        "--activation",
-        choices=sorted(ACTIVATIONS),
-        help=f"activation function (default: {d['activation']})",
-    )
-    model.add_argument(
-        "--vanilla",
+        target="model.num_layers",
+    ),
+    Option(
+        ("-a", "--activation"),
+        _MODEL,
+        f"activation function (default: {_d['activation']})",
+        choices=tuple(sorted(ACTIVATIONS)),
+        target=("model.activation", "guide.activation"),
+    ),
+    Option(
+        ("--vanilla",),
+        _MODEL,
+        "the baseline VAE: a decoder that sees z only, no pose inference",
         action="store_true",
-        default=None,
-        help="the baseline VAE: a decoder that sees z only, no pose inference",
-    )
-    model.add_argument("--no-rotate", action="store_true", default=None, help="do not infer rotation")
-    model.add_argument("--no-translate", action="store_true", default=None, help="do not infer translation")
-    model.add_argument(
-        "--theta-prior",
+        target="model.vanilla",
+    ),
+    Option(
+        ("--no-rotate",),
+        _MODEL,
+        "do not infer rotation",
+        action="store_true",
+        target="model.rotate",
+        convert=_off,
+    ),
+    Option(
+        ("--no-translate",),
+        _MODEL,
+        "do not infer translation",
+        action="store_true",
+        target="model.translate",
+        convert=_off,
+    ),
+    Option(
+        ("--theta-prior",),
+        _MODEL,
+        f"standard deviation of the rotation prior, radians (default: pi/4 = {_d['theta_prior']:.4f})",
         type=positive_float,
         metavar="STD",
-        help=f"standard deviation of the rotation prior, radians (default: pi/4 = {d['theta_prior']:.4f})",
-    )
-    model.add_argument(
-        "--dx-prior",
-        "--dx-scale",
+        target="model.theta_prior_std",
+    ),
+    Option(
+        ("--dx-prior", "--dx-scale"),
+        _MODEL,
+        "standard deviation of the translation prior, grid units (the image spans [-1, 1]) "
+        f"(default: {_d['dx_prior']})",
         type=positive_float,
         metavar="STD",
-        help="standard deviation of the translation prior, grid units (the image spans [-1, 1]) "
-        f"(default: {d['dx_prior']})",
-    )
-    model.add_argument(
-        "--likelihood",
-        choices=sorted(LIKELIHOODS),
-        help=f"pixel observation model (default: {d['likelihood']}; gaussian for particles)",
-    )
-    model.add_argument(
-        "--scale",
+        target="model.dx_prior_std",
+    ),
+    Option(
+        ("--likelihood",),
+        _MODEL,
+        f"pixel observation model (default: {_d['likelihood']}; gaussian for particles)",
+        choices=tuple(sorted(LIKELIHOODS)),
+        target="model.likelihood",
+    ),
+    Option(
+        ("--scale",),
+        _MODEL,
+        "also infer a magnification per image (a 'scale' pose site, e.g. for galaxies)",
         action="store_true",
-        default=None,
-        help="also infer a magnification per image (a 'scale' pose site, e.g. for galaxies)",
-    )
-    model.add_argument(
-        "--scale-prior",
+        target="model.scale",
+    ),
+    Option(
+        ("--scale-prior",),
+        _MODEL,
+        f"std of the log-normal scale prior (with --scale; default: {_d['scale_prior']})",
         type=positive_float,
         metavar="STD",
-        help=f"std of the log-normal scale prior (with --scale; default: {d['scale_prior']})",
-    )
-    model.add_argument(
-        "--learn-scale-prior",
-        action="store_true",
-        default=None,
-        help="fit the location of the log-normal scale prior (with --scale): the decoder picks its own "
+        target="model.scale_prior_std",
+    ),
+    Option(
+        ("--learn-scale-prior",),
+        _MODEL,
+        "fit the location of the log-normal scale prior (with --scale): the decoder picks its own "
         "unit of size",
-    )
-    model.add_argument(
-        "--psf-fwhm",
-        type=positive_float,
-        metavar="PIXELS",
-        help="blur the rendered image by a round Gaussian point-spread function of this FWHM before the "
+        action="store_true",
+        target="model.scale_prior",
+        convert=lambda given: "learned",
+    ),
+    Option(
+        ("--psf-fwhm",),
+        _MODEL,
+        "blur the rendered image by a round Gaussian point-spread function of this FWHM before the "
         "likelihood (telescope images: the decoder learns the galaxy before the optics; Gaussian "
         "likelihoods only)",
-    )
-    model.add_argument(
-        "--coord-frequency",
+        type=positive_float,
+        metavar="PIXELS",
+        target="model.psf_fwhm",
+    ),
+    Option(
+        ("--coord-frequency",),
+        _MODEL,
+        "multiply the spatial decoder's initial coordinate weights by F (about 1 / object size in "
+        "grid units; e.g. 10 for galaxies that fill a tenth of the cut-out; default 1)",
         type=positive_float,
         metavar="F",
-        help="multiply the spatial decoder's initial coordinate weights by F (about 1 / object size in "
-        "grid units; e.g. 10 for galaxies that fill a tenth of the cut-out; default 1)",
-    )
-    model.add_argument(
-        "--augment-rotation",
-        action="store_true",
-        default=None,
-        help="turn each training image by a random angle before the encoder and turn q(theta, dx) "
+        target="model.coord_frequency",
+    ),
+    Option(
+        ("--augment-rotation",),
+        _MODEL,
+        "turn each training image by a random angle before the encoder and turn q(theta, dx) "
         "back (the original code's augmentation)",
-    )
-    model.add_argument(
-        "--canonicalize",
-        choices=("moments",),
-        default=None,
-        help="moments: the encoder reads each image turned and centred by its light's second moments "
+        action="store_true",
+        target="guide.augment_rotation",
+    ),
+    Option(
+        ("--canonicalize",),
+        _MODEL,
+        "moments: the encoder reads each image turned and centred by its light's second moments "
         "(major axis along x) and q(theta, dx) is mapped back; for objects with a long axis (galaxies)",
-    )
-    model.add_argument(
-        "--pose-search",
+        choices=("moments",),
+        target="guide.canonicalize",
+    ),
+    Option(
+        ("--pose-search",),
+        _MODEL,
+        "search rotations over K bins: a discrete rotation site, enumerated exactly, with a "
+        "rotation-equivariant encoder (for uniformly rotated data)",
         type=positive_int,
         metavar="K",
-        help="search rotations over K bins: a discrete rotation site, enumerated exactly, with a "
-        "rotation-equivariant encoder (for uniformly rotated data)",
-    )
-    model.add_argument(
-        "--pose-search-mode",
-        choices=("enumerate", "marginal"),
-        help="with --pose-search: 'enumerate' (the encoder scores the bins, TraceEnum_ELBO sums over them; "
+        target="model.rotation_bins",
+    ),
+    Option(
+        ("--pose-search-mode",),
+        _MODEL,
+        "with --pose-search: 'enumerate' (the encoder scores the bins, TraceEnum_ELBO sums over them; "
         "default for images) or 'marginal' (the model sums the bins out and its likelihood at every bin "
         "picks the pose, the guide gives z, the offset within a bin and the shift; default for particles)",
-    )
-    model.add_argument(
-        "--pixel-subsample",
+        choices=("enumerate", "marginal"),
+        target="guide.mode",
+    ),
+    Option(
+        ("--pixel-subsample",),
+        _MODEL,
+        "score K random pixels per image in training steps (an unbiased, cheaper ELBO; the "
+        "spatial decoder without CTF only)",
         type=positive_int,
         metavar="K",
-        help="score K random pixels per image in training steps (an unbiased, cheaper ELBO; the "
-        "spatial decoder without CTF only)",
-    )
-    model.add_argument(
-        "--compile",
+        target="model.pixel_subsample",
+    ),
+    Option(
+        ("--compile",),
+        _MODEL,
+        "run the spatial decoder through torch.compile (pays on GPUs and long runs)",
         action="store_true",
-        default=None,
-        help="run the spatial decoder through torch.compile (pays on GPUs and long runs)",
-    )
-
-    training = parser.add_argument_group("training")
-    training.add_argument(
-        "-l",
-        "--learning-rate",
+        target="model.compile",
+    ),
+    # training
+    Option(
+        ("-l", "--learning-rate"),
+        _TRAINING,
+        f"Adam learning rate (default: {_d['learning_rate']:g})",
         type=positive_float,
         metavar="LR",
-        help=f"Adam learning rate (default: {d['learning_rate']:g})",
-    )
-    training.add_argument(
-        "--batch-size",
-        "--minibatch-size",
+        target="training.learning_rate",
+    ),
+    Option(
+        ("--batch-size", "--minibatch-size"),
+        _TRAINING,
+        f"images per step (default: {_d['batch_size']})",
         type=positive_int,
         metavar="B",
-        help=f"images per step (default: {d['batch_size']})",
-    )
-    training.add_argument(
-        "--epochs",
-        "--num-epochs",
+        target="training.batch_size",
+    ),
+    Option(
+        ("--epochs", "--num-epochs"),
+        _TRAINING,
+        f"passes over the training images; with --resume, the new total (default: {_d['epochs']})",
         type=non_negative_int,
         metavar="N",
-        help=f"passes over the training images; with --resume, the new total (default: {d['epochs']})",
-    )
-    add_device_arg(training, default=None)
-    training.add_argument(
-        "--precision",
-        choices=(*PRECISIONS, "auto"),
-        help="arithmetic of the networks' training steps: fp32, or autocast to bf16 (CPU or GPU) or "
+        target="training.epochs",
+    ),
+    Option(("-d", "--device"), _TRAINING, DEVICE_HELP, type=device_type, metavar="DEVICE"),
+    Option(
+        ("--precision",),
+        _TRAINING,
+        "arithmetic of the networks' training steps: fp32, or autocast to bf16 (CPU or GPU) or "
         "fp16 (GPU); auto: bf16 where the hardware multiplies bf16 natively, else fp32 (config.json "
-        f"records which); the test ELBO is always computed in fp32 (default: {d['precision']})",
-    )
-    training.add_argument(
-        "--distributed",
-        action="store_true",
-        help="data-parallel over the processes torchrun starts (one per GPU on CUDA); launch with "
+        f"records which); the test ELBO is always computed in fp32 (default: {_d['precision']})",
+        choices=(*PRECISIONS, "auto"),
+    ),
+    Option(
+        ("--distributed",),
+        _TRAINING,
+        "data-parallel over the processes torchrun starts (one per GPU on CUDA); launch with "
         "`torchrun --nproc-per-node N $(which pyro-svae) train --distributed ...`",
-    )
-    training.add_argument(
-        "--seed", type=non_negative_int, metavar="N", help=f"random seed (default: {d['seed']})"
-    )
-    training.add_argument(
-        "--init-output-bias",
         action="store_true",
-        default=None,
-        help="start the decoder at the training images' mean (its output bias; not with a CTF): "
+        default=False,
+    ),
+    Option(
+        ("--seed",),
+        _TRAINING,
+        f"random seed (default: {_d['seed']})",
+        type=non_negative_int,
+        metavar="N",
+        target="training.seed",
+    ),
+    Option(
+        ("--init-output-bias",),
+        _TRAINING,
+        "start the decoder at the training images' mean (its output bias; not with a CTF): "
         "saves the first epochs at small learning rates",
-    )
-    training.add_argument(
-        "--eval-particles",
+        action="store_true",
+        target="training.init_output_bias",
+    ),
+    Option(
+        ("--eval-particles",),
+        _TRAINING,
+        "posterior samples per test image for the final ELBO and importance-weighted bound "
+        f"(default: {_d['eval_particles']})",
         type=positive_int,
         metavar="K",
-        help="posterior samples per test image for the final ELBO and importance-weighted bound "
-        f"(default: {d['eval_particles']})",
-    )
-    training.add_argument(
-        "--posterior-draws",
+        target="training.eval_particles",
+    ),
+    Option(
+        ("--posterior-draws",),
+        _TRAINING,
+        f"posterior draws per test image saved in posterior.nc (default: {_d['posterior_draws']})",
         type=positive_int,
         metavar="S",
-        help=f"posterior draws per test image saved in posterior.nc (default: {d['posterior_draws']})",
-    )
-
-    run = parser.add_argument_group("run folder")
-    run.add_argument(
-        "-o",
-        "--out",
-        metavar="DIR",
-        help=f"run folder (default: a new folder under {d['runs_dir']}/)",
-    )
-    run.add_argument(
-        "--overwrite", action="store_true", default=None, help="replace the run files already in --out"
-    )
-    run.add_argument(
-        "--resume",
-        metavar="RUN",
-        help="continue the run in folder RUN from its last checkpoint (its config.json fixes every "
+        target="training.posterior_draws",
+    ),
+    # run folder
+    Option(
+        ("-o", "--out"), _RUN, f"run folder (default: a new folder under {_d['runs_dir']}/)", metavar="DIR"
+    ),
+    Option(("--overwrite",), _RUN, "replace the run files already in --out", action="store_true"),
+    Option(
+        ("--resume",),
+        _RUN,
+        "continue the run in folder RUN from its last checkpoint (its config.json fixes every "
         "setting but --epochs, --device, --precision and --learning-rate)",
-    )
-    run.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)"
-    )
-    run.add_argument(
-        "--return-freed-memory",
+        metavar="RUN",
+    ),
+    Option(
+        ("--no-progress",),
+        _RUN,
+        "no progress bar (it only shows on a terminal)",
         action="store_true",
-        help="hand memory freed by each step back to the OS (the C library's default); without it the "
+        default=False,
+    ),
+    Option(
+        ("--return-freed-memory",),
+        _RUN,
+        "hand memory freed by each step back to the OS (the C library's default); without it the "
         "process keeps it for the next step, which saves re-faulting large activations (Linux)",
-    )
+        action="store_true",
+        default=False,
+    ),
+)
+#: option name -> its entry in :data:`OPTIONS`
+_BY_DEST = {option.dest: option for option in OPTIONS}
+#: the options a user sets (``None`` when not given); the on/off switches of the process are not settings
+_OPTION_KEYS = tuple(o.dest for o in OPTIONS if o.default is None and o.dest != "resume")
+_PARTICLE_OPTIONS = tuple(o.dest for o in OPTIONS if o.group == _CRYO and o.dest != "particles")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Options mirror the original spatial-VAE scripts (aliases in brackets); one entry of
+    :data:`OPTIONS` each."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        option.add_to(groups[option.group])
 
 
 def _given(args: argparse.Namespace) -> list[str]:
     """Options given on the command line (those whose value is not the ``None`` placeholder)."""
     return [key for key, value in vars(args).items() if key in _OPTION_KEYS and value is not None]
-
-
-_OPTION_KEYS = (
-    "data labels test_data test_labels test_size train_size z_dim hidden_dim num_layers "
-    "encoder_hidden_dim encoder_layers decoder_hidden_dim decoder_layers activation vanilla no_rotate "
-    "no_translate theta_prior dx_prior likelihood learning_rate batch_size epochs device seed "
-    "eval_particles posterior_draws out overwrite particles ctf pixel_size no_ctf box no_normalize "
-    "invert mask_radius ind cache_images scale scale_prior learn_scale_prior augment_rotation canonicalize "
-    "pose_search "
-    "pose_search_mode pixel_subsample compile precision psf_fwhm coord_frequency"
-).split()
-_PARTICLE_OPTIONS = (
-    "ctf",
-    "ind",
-    "cache_images",
-    "pixel_size",
-    "no_ctf",
-    "box",
-    "no_normalize",
-    "invert",
-    "mask_radius",
-)
 
 
 def _flag(key: str) -> str:
@@ -489,80 +580,74 @@ def _check_contradictions(args: argparse.Namespace) -> None:
         if getattr(args, key) is not None and not args.scale:
             raise UsageError(f"{_flag(key)} is about the prior of the scale site: add --scale")
     pose_off = "--vanilla" if args.vanilla else "--no-rotate" if args.no_rotate else None
-    for key in ("augment_rotation", "canonicalize", "pose_search"):
+    for key in ("augment_rotation", "canonicalize"):  # the guide's config does not know the model's pose
         if getattr(args, key) is not None and pose_off:
             raise UsageError(f"{pose_off} turns rotation off, so {_flag(key)} cannot apply")
-    if args.canonicalize is not None and args.augment_rotation:
-        raise UsageError("--canonicalize turns every image upright, so --augment-rotation cannot apply")
-    if args.vanilla and args.scale:
-        raise UsageError("--vanilla has no pose latents, so --scale cannot apply")
     if args.pose_search_mode is not None and args.pose_search is None:
         raise UsageError("--pose-search-mode chooses how --pose-search sums its bins: add --pose-search K")
-    if args.pose_search is not None:
-        if args.pose_search < 2:
-            raise UsageError(f"--pose-search needs at least 2 rotation bins, got {args.pose_search}")
-        for key in ("augment_rotation", "canonicalize"):
-            if getattr(args, key) is not None:
-                raise UsageError(f"--pose-search searches all rotations itself, so {_flag(key)} cannot apply")
-        if args.pixel_subsample is not None:
-            raise UsageError(
-                "--pose-search enumerates rotation bins, which cannot nest the pixels plate of "
-                "--pixel-subsample: give one of them"
-            )
-    if args.psf_fwhm is not None and args.pixel_subsample is not None:
-        raise UsageError("--psf-fwhm blurs whole images, so --pixel-subsample cannot apply: give one of them")
-    if args.vanilla:
-        for key in ("pixel_subsample", "compile", "coord_frequency"):
-            if getattr(args, key):
-                raise UsageError(f"{_flag(key)} applies to the spatial decoder, not to --vanilla")
+    if args.pose_search is not None and args.pose_search < 2:
+        raise UsageError(f"--pose-search needs at least 2 rotation bins, got {args.pose_search}")
 
 
-def _build(
+def _config_fields(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``model``, ``guide`` and ``training`` fields the options set, through :data:`OPTIONS`' targets.
+    An option not given takes its value from ``defaults``, else leaves the config's own default; a later
+    option of the table overrides an earlier one of the same field (``--decoder-hidden-dim`` over
+    ``--hidden-dim``)."""
+    fields: dict[str, dict[str, Any]] = {"model": {}, "guide": {}, "training": {}}
+    for option in OPTIONS:
+        value = getattr(args, option.dest)
+        if value is None and option.dest not in defaults:
+            continue
+        if value is None:
+            value = defaults[option.dest]
+        elif option.convert is not None:
+            value = option.convert(value)
+        for target in option.targets:
+            section, field = target.split(".")
+            fields[section][field] = value
+    return fields
+
+
+def _configs(
     args: argparse.Namespace,
     image_shape: tuple[int, ...],
     *,
-    likelihood: str,
-    theta_prior: float,
+    defaults: dict[str, Any],
     ctf: bool,
-    pose_search_mode: str = DEFAULTS["pose_search_mode"],
-) -> tuple[SpatialVAE, AmortizedGuide | PoseSearchGuide]:
-    hidden, layers = _value(args, "hidden_dim"), _value(args, "num_layers")
-    vanilla = bool(args.vanilla)
-    model = ModelConfig(
-        image_shape=image_shape,
-        z_dim=_value(args, "z_dim"),
-        rotate=False if vanilla else not args.no_rotate,
-        translate=False if vanilla else not args.no_translate,
-        vanilla=vanilla,
-        theta_prior_std=theta_prior,
-        dx_prior_std=_value(args, "dx_prior"),
-        rotation_bins=args.pose_search,
-        enumerate_bins=args.pose_search is not None and pose_search_mode == "marginal",
-        scale=bool(args.scale),
-        scale_prior="learned" if args.learn_scale_prior else None,
-        scale_prior_std=_value(args, "scale_prior"),
-        ctf=ctf,
-        pixel_subsample=args.pixel_subsample,
-        compile=bool(args.compile),
-        psf_fwhm=args.psf_fwhm,
-        coord_frequency=args.coord_frequency or 1.0,
-        likelihood=likelihood,
-        hidden_dim=args.decoder_hidden_dim or hidden,
-        num_layers=args.decoder_layers or layers,
-        activation=_value(args, "activation"),
-    ).build()
-    encoder = {
-        "hidden_dim": args.encoder_hidden_dim or hidden,
-        "num_layers": args.encoder_layers or layers,
-        "activation": _value(args, "activation"),
-    }
-    if args.pose_search is not None:
-        guide = GuideConfig(kind="pose_search", encoder="equivariant", mode=pose_search_mode, **encoder)
-    else:
-        guide = GuideConfig(
-            augment_rotation=bool(args.augment_rotation), canonicalize=args.canonicalize, **encoder
-        )
-    return model, guide.build(model)
+    device: torch.device,
+) -> tuple[ModelConfig, GuideConfig, TrainConfig]:
+    """The run's configurations from the options; the rules between options are the config classes'
+    (their ``ValueError`` reported as a usage error naming the flags)."""
+    fields = _config_fields(args, defaults)
+    model, guide, training = fields["model"], fields["guide"], fields["training"]
+    mode = guide.pop("mode")
+    if model.get("rotation_bins") is not None:
+        model["enumerate_bins"] = mode == "marginal"
+        guide.update(kind="pose_search", encoder="equivariant", mode=mode)
+    training["precision"] = resolve_precision(_value(args, "precision"), device)
+    try:
+        model_config = ModelConfig(image_shape=image_shape, ctf=ctf, **model)
+        guide_config = GuideConfig(**guide)
+        training_config = TrainConfig(**training)
+        check_compatible(model_config, training_config)
+    except ValueError as error:
+        raise UsageError(_in_flags(str(error), ctf=ctf)) from None
+    return model_config, guide_config, training_config
+
+
+def _in_flags(message: str, *, ctf: bool) -> str:
+    """A config's message with its field names as the flags that set them (``ctf``: the data's CTF)."""
+    names: dict[str, str] = {"vanilla=True": "--vanilla", "ctf=True": "the CTF", "ctf": "the CTF"}
+    for option in OPTIONS:
+        for target in option.targets:
+            names.setdefault(target.split(".")[1], _flag(option.dest))
+    del names["likelihood"]  # also a plain word of the messages
+    alternatives = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+    text = re.sub(rf"(?<![\w.-])({alternatives})(?![\w=])", lambda m: names[m.group(1)], message)
+    if ctf and "the CTF" in text and "--no-ctf" not in text:
+        text += "; --no-ctf ignores the CTF"
+    return text
 
 
 def _describe(model: SpatialVAE) -> str:
@@ -666,32 +751,9 @@ def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _check_data_options(
-    args: argparse.Namespace, spec: dict[str, Any], train, *, likelihood: str, ctf: bool
-) -> None:
-    """Contradictions between options and what the data turned out to be."""
-    if ctf and likelihood not in GAUSSIAN_LIKELIHOODS:
-        raise UsageError(
-            f"--likelihood {likelihood} cannot score CTF-filtered particles: use one of "
-            f"{', '.join(GAUSSIAN_LIKELIHOODS)}, or ignore the CTF with --no-ctf"
-        )
-    if args.psf_fwhm is not None and likelihood not in GAUSSIAN_LIKELIHOODS:
-        raise UsageError(
-            f"--likelihood {likelihood} cannot score PSF-blurred images (--psf-fwhm): use one of "
-            f"{', '.join(GAUSSIAN_LIKELIHOODS)}"
-        )
-    if args.pixel_subsample is not None:
-        if ctf:
-            raise UsageError(
-                "--pixel-subsample renders pixels independently, but the CTF mixes all pixels of a "
-                "particle: add --no-ctf or drop --pixel-subsample"
-            )
-        _, height, width = train.image_shape
-        if args.pixel_subsample > height * width:
-            raise UsageError(
-                f"--pixel-subsample {args.pixel_subsample} is more than the {height * width} pixels "
-                f"of a {height}x{width} image"
-            )
+def _check_data_options(args: argparse.Namespace, spec: dict[str, Any], train, *, ctf: bool) -> None:
+    """Contradictions between options and what the data turned out to be (the model's options are
+    checked by its config)."""
     translate = not (args.vanilla or args.no_translate)
     if spec.get("particles") and translate and train.info.get("pixel_size") is None and not ctf:
         raise UsageError(
@@ -720,36 +782,19 @@ def _main(args: argparse.Namespace) -> int:
     _check_precision(_value(args, "precision"), device)
     spec = _data_spec(args)
     train, test = runs.load_data(spec)
-    particles = runs.is_particle_spec(spec)
-    defaults = PARTICLE_DEFAULTS if particles else DEFAULTS
-    likelihood = args.likelihood or defaults["likelihood"]
-    theta_prior = args.theta_prior or defaults["theta_prior"]
-    pose_search_mode = args.pose_search_mode or defaults["pose_search_mode"]
+    defaults = {**DEFAULTS, **PARTICLE_DEFAULTS} if runs.is_particle_spec(spec) else DEFAULTS
     ctf = train.ctf is not None
-    _check_data_options(args, spec, train, likelihood=likelihood, ctf=ctf)
-    runs.check_images(train, test, likelihood)
+    model_config, guide_config, training = _configs(
+        args, train.image_shape, defaults=defaults, ctf=ctf, device=device
+    )
+    _check_data_options(args, spec, train, ctf=ctf)
+    runs.check_images(train, test, model_config.likelihood)
     pyro.clear_param_store()
-    pyro.set_rng_seed(_value(args, "seed"))  # the initial weights depend on the seed alone
-    model, guide = _build(
-        args,
-        train.image_shape,
-        likelihood=likelihood,
-        theta_prior=theta_prior,
-        ctf=ctf,
-        pose_search_mode=pose_search_mode,
-    )
-    if args.init_output_bias:
-        if ctf:
-            raise UsageError(
-                "--init-output-bias sets the decoder's output to the images' mean, which the particles' "
-                "CTF filters before it meets the data: drop it, or add --no-ctf"
-            )
+    pyro.set_rng_seed(training.seed)  # the initial weights depend on the seed alone
+    model = model_config.build()
+    guide = guide_config.build(model)
+    if training.init_output_bias:
         model.init_output_bias(train)
-    training = TrainConfig(
-        **{key: _value(args, key) for key in TRAINING_OPTIONS},
-        init_output_bias=bool(args.init_output_bias),
-        precision=resolve_precision(_value(args, "precision"), device),
-    )
     config = runs.make_config(model, guide, data=spec, training=training)
     label = spec.get("builtin") or _data_path(spec).name.split(".")[0]
     out = args.out or runs.new_run_dir(DEFAULTS["runs_dir"], label)
