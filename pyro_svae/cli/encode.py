@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ from ..data import (
     load_images,
     load_particles,
     posterior_pose_note,
-    preprocess_particles,
     write_posterior_cs,
     write_posterior_star,
 )
@@ -106,18 +104,7 @@ def _particles(args: argparse.Namespace, config: dict) -> ImageDataset:
         project_dir=args.project_dir,
         stream=True,  # one pass: each batch is read from the stacks when it is encoded
     )
-    if not trained.get("use_ctf", True) and data.ctf is not None:
-        data = replace(data, ctf=None)
-    if args.ind:
-        data = runs.select_particles(data, args.ind)
-    options = trained.get("preprocess") or {}
-    return preprocess_particles(
-        data,
-        box=options.get("box"),
-        normalize=bool(options.get("normalize", True)),
-        invert=bool(options.get("invert", False)),
-        mask_radius=options.get("mask_radius"),
-    )
+    return runs.prepare_particles(data, trained, ind=args.ind)
 
 
 def _images(args: argparse.Namespace) -> ImageDataset:

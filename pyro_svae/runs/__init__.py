@@ -52,6 +52,7 @@ from .dataspec import (
     load_data,
     load_dataset,
     particle_spec,
+    prepare_particles,
     select_particles,
 )
 from .exports import write_particles_star
@@ -107,6 +108,7 @@ __all__ = [
     "load_data",
     "load_dataset",
     "particle_spec",
+    "prepare_particles",
     "select_particles",
     "write_particles_star",
     "EVALUATION_FILES",

@@ -256,10 +256,18 @@ def _load_particles(spec: Mapping[str, Any]) -> ImageDataset:
         require_ctf=ctf_entry is not None and use_ctf,
         stream=True,  # headers now, images batch by batch: --train-size and --ind cost nothing
     )
-    if not use_ctf and data.ctf is not None:
+    return prepare_particles(data, spec, ind=None if ind_entry is None else ind_entry["path"])
+
+
+def prepare_particles(
+    data: ImageDataset, spec: Mapping[str, Any], *, ind: str | os.PathLike | None = None
+) -> ImageDataset:
+    """Particles as a run with particle spec ``spec`` (the ``"particles"`` section) trains on them: the
+    CTF dropped where the run ignores it, the selection ``ind`` applied, then its preprocessing."""
+    if not spec.get("use_ctf", True) and data.ctf is not None:
         data = replace(data, ctf=None)
-    if ind_entry is not None:
-        data = select_particles(data, ind_entry["path"])
+    if ind is not None:
+        data = select_particles(data, ind)
     options = spec.get("preprocess") or {}
     return preprocess_particles(
         data,
