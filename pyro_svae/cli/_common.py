@@ -18,6 +18,8 @@ __all__ = [
     "non_negative_int",
     "positive_float",
     "add_device_arg",
+    "add_input_args",
+    "add_output_args",
     "device_type",
     "DEVICE_HELP",
     "InterruptGuard",
@@ -67,6 +69,48 @@ DEVICE_HELP = "'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', 'cuda' 
 
 def add_device_arg(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
     parser.add_argument("-d", "--device", type=_device, default=default, metavar="DEVICE", help=DEVICE_HELP)
+
+
+def add_input_args(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The images a command reads besides its run's own: ``--particles`` or ``--data``, and the particle
+    options ``--ctf``, ``--pixel-size``, ``--project-dir`` and ``--ind`` (``verb``: what it does to them)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--particles",
+        metavar="FILE",
+        help=f"{verb} these cryo-EM particles: a RELION .star, cryoSPARC .cs or .mrcs/.mrc/.npy stack "
+        "(a run trained on particles)",
+    )
+    source.add_argument("--data", metavar="FILE|DIR", help=f"{verb} these images: a file or a folder")
+    parser.add_argument("--ctf", metavar="FILE.star", help="CTF rows of a --particles stack")
+    parser.add_argument(
+        "--pixel-size", type=positive_float, metavar="A", help="pixel size in Å where the files lack it"
+    )
+    parser.add_argument(
+        "--project-dir",
+        metavar="DIR",
+        help="where relative image paths of a .star/.cs file start (RELION's or cryoSPARC's project "
+        "directory; default: the working directory for .star, the .cs file's job folder's parent for .cs)",
+    )
+    parser.add_argument(
+        "--ind", metavar="FILE", help=f"{verb} these particles only: 0-based indices, .npy or .txt"
+    )
+
+
+def add_output_args(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """``--batch-size``, ``--device``, ``--seed``, ``--out`` (default ``default_out``) and ``--overwrite``
+    of a command that writes results beside a run."""
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=100, metavar="B", help="images per batch (default: 100)"
+    )
+    add_device_arg(parser)
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, metavar="N", help="random seed (default: 0)"
+    )
+    parser.add_argument("-o", "--out", metavar="DIR", help=f"output folder (default: {default_out})")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace earlier results in the output folder"
+    )
 
 
 class InterruptGuard:

@@ -36,7 +36,12 @@ from ..checkpoint import atomic_write
 from ..data import BUILTIN, DataError, ImageDataset, write_class_cs, write_class_star
 from ..infer import as_dataset
 from ..runtime import resolve_device
-from ._common import UsageError, add_device_arg, non_negative_int, positive_float, positive_int
+from ._common import (
+    UsageError,
+    add_input_args,
+    add_output_args,
+    positive_int,
+)
 from .encode import _images, _particles
 
 __all__ = ["add_args", "main", "DEFAULT_CLUSTERS"]
@@ -60,19 +65,7 @@ PATTERNS = ("cluster_*", "pc*_trajectory*", "*.png")
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="a run folder written by 'pyro-svae train'")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--particles", metavar="FILE", help="analyse these particles (.star, .cs or a stack) instead"
-    )
-    source.add_argument(
-        "--data", metavar="FILE|DIR", help="analyse these images (a file or a folder) instead"
-    )
-    parser.add_argument("--ctf", metavar="FILE.star", help="CTF rows of a --particles stack")
-    parser.add_argument("--pixel-size", type=positive_float, metavar="A", help="pixel size in Å")
-    parser.add_argument(
-        "--project-dir", metavar="DIR", help="where relative image paths of a .star/.cs file start"
-    )
-    parser.add_argument("--ind", metavar="FILE", help="analyse these particles only: 0-based indices")
+    add_input_args(parser, "analyse")
     parser.add_argument(
         "-k",
         "--ksample",
@@ -99,17 +92,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="bins of a continuous known truth for the purity (default: 5)",
     )
     parser.add_argument("--skip-umap", action="store_true", help="no UMAP embedding (it takes longest)")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=100, metavar="B", help="images per batch (default: 100)"
-    )
-    add_device_arg(parser)
-    parser.add_argument(
-        "--seed", type=non_negative_int, default=0, metavar="N", help="random seed (default: 0)"
-    )
-    parser.add_argument("-o", "--out", metavar="DIR", help="output folder (default: RUN/analyze)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace earlier results in the output folder"
-    )
+    add_output_args(parser, "RUN/analyze")
 
 
 def _builtin(spec: dict) -> ImageDataset:

@@ -35,7 +35,12 @@ from ..data import (
 )
 from ..infer import as_dataset
 from ..runtime import resolve_device
-from ._common import UsageError, add_device_arg, non_negative_int, positive_float, positive_int
+from ._common import (
+    UsageError,
+    add_input_args,
+    add_output_args,
+    positive_int,
+)
 
 __all__ = ["add_args", "main"]
 
@@ -44,44 +49,14 @@ OUTPUTS = ("particles.star", "particles.cs", "catalogue.csv", "posterior.nc")
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="a run folder written by 'pyro-svae train'")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--particles",
-        metavar="FILE",
-        help="cryo-EM particles: a RELION .star, cryoSPARC .cs or .mrcs/.mrc/.npy stack (run trained on "
-        "particles)",
-    )
-    source.add_argument("--data", metavar="FILE|DIR", help="an image file or a folder of images")
-    parser.add_argument("--ctf", metavar="FILE.star", help="CTF rows of a --particles stack")
-    parser.add_argument(
-        "--pixel-size", type=positive_float, metavar="A", help="pixel size in Å where the files lack it"
-    )
-    parser.add_argument(
-        "--project-dir",
-        metavar="DIR",
-        help="where relative image paths of a .star/.cs file start (RELION's or cryoSPARC's project "
-        "directory; default: the working directory for .star, the .cs file's job folder's parent for .cs)",
-    )
-    parser.add_argument(
-        "--ind", metavar="FILE", help="encode these particles only: 0-based indices, .npy or .txt"
-    )
+    add_input_args(parser, "encode")
     parser.add_argument(
         "--posterior-draws",
         type=positive_int,
         metavar="S",
         help="posterior draws per image in posterior.nc and for the standard deviations (default: the run's)",
     )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=100, metavar="B", help="images per batch (default: 100)"
-    )
-    add_device_arg(parser)
-    parser.add_argument(
-        "--seed", type=non_negative_int, default=0, metavar="N", help="random seed (default: 0)"
-    )
-    parser.add_argument("-o", "--out", metavar="DIR", help="output folder (default: RUN/encode-<name>)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace earlier results in the output folder"
-    )
+    add_output_args(parser, "RUN/encode-<name>")
 
 
 def _stem(path: str) -> str:

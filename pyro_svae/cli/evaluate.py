@@ -16,7 +16,11 @@ from .. import runs
 from ..data import BUILTIN, load_images
 from ..infer import as_dataset
 from ..runtime import resolve_device
-from ._common import UsageError, add_device_arg, non_negative_int, positive_int
+from ._common import (
+    UsageError,
+    add_output_args,
+    positive_int,
+)
 
 __all__ = ["add_args", "main"]
 
@@ -46,17 +50,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="posterior draws per image saved in posterior.nc (default: the run's)",
     )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=100, metavar="B", help="images per batch (default: 100)"
-    )
-    add_device_arg(parser)
-    parser.add_argument(
-        "--seed", type=non_negative_int, default=0, metavar="N", help="random seed (default: 0)"
-    )
-    parser.add_argument("-o", "--out", metavar="DIR", help="output folder (default: RUN/evaluation-<data>)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace earlier results in the output folder"
-    )
+    add_output_args(parser, "RUN/evaluation-<data>")
 
 
 def main(args: argparse.Namespace) -> int:
