@@ -222,29 +222,28 @@ def check_spec(spec: Any, what: str) -> dict[str, Any]:
     return {"name": spec["name"], "kwargs": _json_safe(dict(kwargs), what)}
 
 
+def _registered(table: dict[str, Any], name: str, kind: str) -> Any:
+    """What ``table`` (the priors or the encoders) holds under ``name``, the built-ins registered first."""
+    _ensure_builtins()
+    if name not in table:
+        raise ValueError(
+            f"no {kind} registered as {name!r} (registered: {', '.join(sorted(table))}); "
+            f"import the module that registers it with pyro_svae.registry.register_{kind} first"
+        )
+    return table[name]
+
+
 def build_prior(spec: Mapping[str, Any]) -> Any:
     """The prior (a module or a distribution) that ``spec`` names, made with its keyword arguments."""
     spec = check_spec(spec, "a prior")
-    _ensure_builtins()
-    if spec["name"] not in _PRIORS:
-        raise ValueError(
-            f"no prior registered as {spec['name']!r} (registered: {', '.join(sorted(_PRIORS))}); "
-            "import the module that registers it with pyro_svae.registry.register_prior first"
-        )
-    return _PRIORS[spec["name"]](**spec["kwargs"])
+    return _registered(_PRIORS, spec["name"], "prior")(**spec["kwargs"])
 
 
 def build_encoder(spec: Mapping[str, Any], **context: Any) -> Any:
     """The encoder that ``spec`` names, made with the model's ``context`` (``image_shape``, ``bins``)
     and the spec's keyword arguments."""
     spec = check_spec(spec, "an encoder")
-    _ensure_builtins()
-    if spec["name"] not in _ENCODERS:
-        raise ValueError(
-            f"no encoder registered as {spec['name']!r} (registered: {', '.join(sorted(_ENCODERS))}); "
-            "import the module that registers it with pyro_svae.registry.register_encoder first"
-        )
-    cls, needs = _ENCODERS[spec["name"]]
+    cls, needs = _registered(_ENCODERS, spec["name"], "encoder")
     missing = [key for key in needs if context.get(key) is None]
     if missing:
         raise ValueError(f"the {spec['name']!r} encoder needs {', '.join(missing)} from the model")
