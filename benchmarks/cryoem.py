@@ -51,6 +51,8 @@ GUIDES = (
     "mlp",
     "mlp-augment",
     "marginal-equivariant",
+    "lattice-equivariant",
+    "lattice-mlp",
     "enum-equivariant",
     "sample-equivariant",
     "enum-mlp",
@@ -82,13 +84,14 @@ def build(kind: str, ctf: bool, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
         model = ps.SpatialVAE(shape, args.z_dim, theta_prior_std=math.pi, **common)
         return model, ps.AmortizedGuide(model, augment_rotation=kind == "mlp-augment", **nets)
     uniform = pyro.distributions.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
-    mode, encoder = kind.split("-")
-    mode = MODE_PREFIXES[mode]
+    prefix, encoder = kind.split("-")
+    mode = MODE_PREFIXES[prefix]
     model = ps.SpatialVAE(
         shape,
         args.z_dim,
         rotation_bins=args.bins,
         enumerate_bins=mode == "marginal",
+        bin_render="lattice" if prefix == "lattice" else "exact",
         theta_prior=uniform,
         **common,
     )

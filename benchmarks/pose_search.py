@@ -69,6 +69,7 @@ import json
 import math
 import multiprocessing
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,7 +83,18 @@ from pyro_svae import metrics as M
 from pyro_svae.coords import principal_pose, wrap_angle
 from pyro_svae.pose_search import MODE_PREFIXES, PoseSearchGuide, search_theta
 
-GUIDES = ("mlp", "mlp-moments", "enum-mlp", "enum-equivariant", "marginal-equivariant", "sample-equivariant")
+GUIDES = (
+    "mlp",
+    "mlp-moments",
+    "enum-mlp",
+    "enum-equivariant",
+    "marginal-equivariant",
+    "lattice-equivariant",
+    "lattice-mlp",
+    "sample-equivariant",
+)
+#: the cost table: the paper's guide, today's search (K decoder passes) and the search through the lattice
+TIMED = ("mlp", "marginal-equivariant", "lattice-equivariant", "lattice-mlp")
 
 
 def build(kind: str, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
@@ -95,13 +107,14 @@ def build(kind: str, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
         )
         return model, guide
     uniform = dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
-    mode, encoder = kind.split("-")
-    mode = MODE_PREFIXES[mode]
+    prefix, encoder = kind.split("-")
+    mode = MODE_PREFIXES[prefix]
     model = ps.SpatialVAE(
         (28, 28),
         args.z_dim,
         rotation_bins=args.bins,
         enumerate_bins=mode == "marginal",
+        bin_render="lattice" if prefix == "lattice" else "exact",
         theta_prior=uniform,
         **common,
     )
@@ -181,6 +194,87 @@ def guide_theta(guide) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda images: ps.posterior_means(guide, ps.data.ImageDataset(images))["theta"]
 
 
+def amortized_figures(guide, test, upright) -> dict[str, float]:
+    """A marginal-mode guide's figures with its bins read from its own encoder (``bins_from="encoder"``,
+    no decoder pass): Fisher-Lee of theta, within each digit class (per-class offsets), and tracking."""
+    guide.bins_from = "encoder"
+    try:
+        theta = ps.posterior_means(guide, test)["theta"]
+        tracking = rotation_tracking(guide_theta(guide), upright, test.theta)
+    finally:
+        guide.bins_from = "search"
+    return {
+        "amortized_fisher_lee": M.circular_correlation(theta, test.theta, method="fisher-lee"),
+        "amortized_within_digit_fisher_lee": M.circular_correlation_within(
+            theta, test.theta, test.labels, method="fisher-lee"
+        ),
+        "amortized_tracking_fisher_lee": tracking["fisher_lee"],
+        "amortized_tracking_within_15deg": tracking["within_15deg"],
+    }
+
+
+def _timed_pair(kind: str, box: int, bins: int, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
+    """``kind``'s model and guide for hinge particles of ``box`` pixels with a CTF (as cryoem.py's)."""
+    nets = dict(hidden_dim=args.hidden, num_layers=args.layers)
+    common = dict(likelihood="gaussian", ctf=True, **nets)
+    if kind == "mlp":
+        model = ps.SpatialVAE((box, box), 1, theta_prior_std=math.pi, **common)
+        return model, ps.AmortizedGuide(model, **nets)
+    prefix, encoder = kind.split("-")
+    model = ps.SpatialVAE(
+        (box, box),
+        1,
+        rotation_bins=bins,
+        enumerate_bins=True,
+        bin_render="lattice" if prefix == "lattice" else "exact",
+        theta_prior=dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi)),
+        **common,
+    )
+    return model, PoseSearchGuide(model, encoder, channels=args.channels, **nets)
+
+
+def time_per_epoch(kind: str, box: int, bins: int, args) -> float:
+    """Seconds of training per 1,000 particles (hinge, SNR 0.1, CTF): SVI steps of ``--batch-size``
+    particles with the guide's own loss under ``--precision``, one warm-up step and then the median of
+    ``--timing-steps`` timed steps, scaled to 1,000 particles (data loading and evaluation left out)."""
+    simulated = ps.data.simulate_particles(args.batch_size, box=box, snr=0.1, ctf=True, seed=0)
+    data = ps.data.preprocess_particles(simulated)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model, guide = _timed_pair(kind, box, bins, args)
+    loss = guide.default_loss() if hasattr(guide, "default_loss") else pyro.infer.Trace_ELBO()
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-4}), loss)
+    inputs = ps.infer.model_inputs(model, data, torch.arange(len(data)), torch.device("cpu"))
+    times = []
+    with ps.infer.precision_context(args.precision, torch.device("cpu")):
+        for _ in range(1 + args.timing_steps):
+            started = time.perf_counter()
+            svi.step(data.images, data_size=1000, **inputs)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[1:]) * 1000 / len(data)
+
+
+def timing_table(args) -> list[dict]:
+    """Training time per epoch against K and box for the :data:`TIMED` guides; prints a table per box
+    (seconds per 1,000 particles and, in brackets, the ratio to the paper's MLP guide)."""
+    rows = []
+    for box in args.timing_boxes:
+        print(f"\nbox {box}: seconds per epoch of 1,000 particles (x the MLP guide's)", flush=True)
+        print("| guide | " + " | ".join(f"K = {k}" for k in args.timing_bins) + " |")
+        print("| --- |" + " --- |" * len(args.timing_bins))
+        mlp = time_per_epoch("mlp", box, 2, args)
+        rows.append({"guide": "mlp", "box": box, "bins": None, "s_per_1000": mlp})
+        print(f"| mlp | {mlp:.1f} (any K) |" + " |" * (len(args.timing_bins) - 1), flush=True)
+        for kind in args.timing_guides:
+            cells = []
+            for bins in args.timing_bins:
+                seconds = time_per_epoch(kind, box, bins, args)
+                rows.append({"guide": kind, "box": box, "bins": bins, "s_per_1000": seconds})
+                cells.append(f"{seconds:.1f} ({seconds / mlp:.1f}x)")
+            print(f"| {kind} | " + " | ".join(cells) + " |", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--guides", nargs="+", default=list(GUIDES), choices=GUIDES)
@@ -202,9 +296,19 @@ def main() -> None:
         "--grid-angles", type=int, default=72, help="angles of the decoder's grid search (grid_search_theta)"
     )
     parser.add_argument("--out", default=None, help="JSON file for the rows and per-epoch curves")
+    parser.add_argument("--timing", action="store_true", help="only the cost table (time vs K and box)")
+    parser.add_argument("--timing-boxes", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--timing-bins", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--timing-guides", nargs="+", default=list(TIMED[1:]), choices=TIMED[1:])
+    parser.add_argument("--timing-steps", type=int, default=3, help="timed steps per cell (after a warm-up)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.timing:
+        rows = timing_table(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "timing": rows}, indent=1))
+        return
 
     train, test = ps.data.posed_mnist(
         rotation="uniform", translation_std=1.4 if args.translate else 0.0, seed=args.seed
@@ -279,6 +383,8 @@ def main() -> None:
             "theta_curve": history.values("theta_circ_corr", "test"),
             "theta_curve_fisher_lee": history.values("theta_circ_corr_fisher_lee", "test"),
         }
+        if getattr(guide, "mode", None) == "marginal":
+            row.update(amortized_figures(guide, test, upright))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if "curve" not in k}), flush=True)
 
@@ -315,6 +421,17 @@ def main() -> None:
             f"| {r['guide']} | {r['grid_fisher_lee']:.3f} | {r['grid_within_15deg']:.3f} | "
             f"{r['grid_tracking_fisher_lee']:.3f} / {r['grid_tracking_within_15deg']:.3f} |"
         )
+    amortized = [r for r in rows if "amortized_fisher_lee" in r]
+    if amortized:
+        print("\nThe encoder's own bins (bins_from='encoder', fitted to the search's; no decoder pass):")
+        print("| guide | θ circ. corr. (F-L) | within digit (F-L) | tracking (F-L / within 15°) |")
+        print("| --- | --- | --- | --- |")
+        for r in amortized:
+            print(
+                f"| {r['guide']} | {r['amortized_fisher_lee']:.3f} | "
+                f"{r['amortized_within_digit_fisher_lee']:.3f} | {r['amortized_tracking_fisher_lee']:.3f} / "
+                f"{r['amortized_tracking_within_15deg']:.3f} |"
+            )
     print(
         "\nReference (not a guide: reads the upright digits and their classes), every digit's long axis "
         "turned to its class's mean axis:"

@@ -12,9 +12,10 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
-from .coords import pixel_grid
+from .coords import pixel_grid, pose_coordinates
 from .ctf import CTFParams
 from .decoders import SpatialDecoder, VanillaDecoder
+from .lattice import FULL_RADIUS, RenderLattice
 from .likelihoods import LearnedGaussianLikelihood, make_likelihood
 from .optics import Optics
 from .priors import (
@@ -27,7 +28,15 @@ from .priors import (
     standard_normal_z,
 )
 
-__all__ = ["SpatialVAE", "unique_name", "images_to_pixels", "pixels_to_images"]
+__all__ = ["SpatialVAE", "BIN_RENDERS", "unique_name", "images_to_pixels", "pixels_to_images"]
+
+#: how a model that sums over rotation bins renders them: ``"exact"``, the decoder at every bin's posed
+#: grid (K passes); ``"lattice"``, one pass on a :class:`~pyro_svae.lattice.RenderLattice` over the disk
+#: of radius 1.1 read at each bin (a round field of view: a turned image's corners continue its rim);
+#: ``"lattice_full"``, the same over the disk that holds every turn of the square (about 2.4 passes)
+BIN_RENDERS = ("exact", "lattice", "lattice_full")
+#: the field of view of ``bin_render="lattice"``, in grid units (the image spans [-1, 1])
+LATTICE_RADIUS = 1.1
 
 _NAME_COUNTERS: dict[str, itertools.count] = {}
 
@@ -143,6 +152,18 @@ def _check_image_formation(
         )
 
 
+def _check_bin_render(bin_render: str, enumerate_bins: bool, pixel_subsample: int | None) -> None:
+    if bin_render not in BIN_RENDERS:
+        raise ValueError(f"bin_render must be one of {BIN_RENDERS}, got {bin_render!r}")
+    if bin_render != "exact" and not enumerate_bins:
+        raise ValueError(
+            f"bin_render={bin_render!r} poses one render at every bin of a model that sums over its bins: "
+            "it needs rotation_bins=K with enumerate_bins=True"
+        )
+    if bin_render != "exact" and pixel_subsample is not None:
+        raise ValueError(f"bin_render={bin_render!r} renders whole images: not with pixel_subsample")
+
+
 def images_plate(batch: int, data_size: int | None, device: torch.device) -> pyro.plate:
     """The ``"images"`` plate over a mini-batch of ``batch`` images; with ``data_size`` the batch stands for
     a data set of that many images and log-densities are scaled by ``data_size / batch``. Model and
@@ -199,7 +220,13 @@ class SpatialVAE(PyroModule):
     theta_offset`` with ``theta_offset`` the continuous site, ``theta_bin`` marked for parallel enumeration
     and ``theta`` deterministic; the guide gives ``z``, ``theta_offset`` and ``dx`` only, and the bin's
     posterior given them comes from ``TraceEnum_ELBO.compute_marginals``
-    (:meth:`~pyro_svae.pose_search.PoseSearchGuide.bin_posterior`).
+    (:meth:`~pyro_svae.pose_search.PoseSearchGuide.bin_posterior`). ``bin_render`` says how the K bins
+    are rendered there (:data:`BIN_RENDERS`): ``"exact"`` runs the decoder at each bin's posed grid (K
+    decoder passes per image); ``"lattice"`` renders each image once, turned by its ``theta_offset``, on a
+    :class:`~pyro_svae.lattice.RenderLattice` and reads every bin's image from it by bilinear interpolation
+    (:meth:`render_binned`): about one pass's cost at any K. Its lattice covers a round field of view of
+    radius 1.1 (the image spans [-1, 1]), so the corners of the image continue the rim outwards;
+    ``"lattice_full"`` covers every turn of the square instead, at about 2.4 passes.
     """
 
     def __init__(
@@ -217,6 +244,7 @@ class SpatialVAE(PyroModule):
         dx_prior_std: float = 0.1,
         rotation_bins: int | None = None,
         enumerate_bins: bool = False,
+        bin_render: str = "exact",
         scale: bool = False,
         scale_prior: torch.distributions.Distribution | nn.Module | str | None = None,
         scale_prior_std: float = 0.25,
@@ -248,6 +276,7 @@ class SpatialVAE(PyroModule):
         self.image_shape = _image_shape(image_shape)
         channels, height, width = self.image_shape
         _check_image_formation(self.image_shape, vanilla, ctf, psf_fwhm, pixel_subsample)
+        _check_bin_render(bin_render, enumerate_bins, pixel_subsample)
         self.z_dim = z_dim
         self.vanilla = vanilla
         self.rotate = (not vanilla) if rotate is None else bool(rotate)
@@ -265,6 +294,7 @@ class SpatialVAE(PyroModule):
             "dx_prior_std": dx_prior_std,
             "rotation_bins": rotation_bins,
             "enumerate_bins": bool(enumerate_bins),
+            "bin_render": bin_render,
             "scale": self.scale,
             "scale_prior_std": scale_prior_std,
             "scale_prior": _learned_scale_prior_name(scale_prior),
@@ -310,6 +340,10 @@ class SpatialVAE(PyroModule):
         self.theta_bins = (
             None if rotation_bins is None else BinnedRotationPrior(rotation_bins, enumerate=enumerate_bins)
         )
+        self.lattice = None
+        if bin_render != "exact":
+            radius = LATTICE_RADIUS if bin_render == "lattice" else FULL_RADIUS
+            self.lattice = RenderLattice(height, width, radius=radius)
         # Plain nn.Modules inside become PyroModules so their parameters live in Pyro's param store.
         to_pyro_module_(self)
 
@@ -362,6 +396,22 @@ class SpatialVAE(PyroModule):
             return self.decoder(z).to(self.grid.dtype)
         grid = self.grid if pixels is None else self.grid[pixels]
         return self.decoder.render(grid, z, theta, dx, scale).to(self.grid.dtype)
+
+    def render_binned(
+        self,
+        z: torch.Tensor,
+        centre: torch.Tensor,
+        offset: torch.Tensor,
+        dx: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`render` at ``theta = centre + offset`` through the :attr:`lattice` (``bin_render``):
+        the decoder renders each image once, turned by its ``offset`` ``(..., B)`` and magnified by ``scale``,
+        on the lattice, and every bin ``centre`` (e.g. ``(K, 1)``) with the shift ``dx`` ``(..., B, 2)``
+        reads that render at its canonical coordinates: ``((x - dx) R(centre)) R(offset) / s``, the same
+        coordinates as :meth:`render`'s. Returns ``(..., K, B, P, k * C)`` for K bins."""
+        values = self.decoder.render(self.lattice.points, z, offset, None, scale).to(self.grid.dtype)
+        return self.lattice.sample(values, pose_coordinates(self.grid, centre, dx))
 
     @torch.no_grad()
     def init_output_bias(self, data) -> SpatialVAE:
@@ -462,12 +512,18 @@ class SpatialVAE(PyroModule):
         batch, obs = self._observations(images, num_images, ctf)
         with images_plate(batch, data_size, self.grid.device):
             z = pyro.sample("z", self.z_prior())
-            theta = self._sample_theta() if self.rotate else None
+            if self.lattice is not None:  # theta = bin centre + offset, split to pose one render
+                theta = self.theta_bins.sample_parts(self.theta_prior())
+            else:
+                theta = self._sample_theta() if self.rotate else None
             dx = pyro.sample("dx", self.dx_prior()) if self.translate else None
             scale = pyro.sample("scale", self.scale_prior()) if self.scale else None
             if self.pixel_subsample is not None and self.training and obs is not None:
                 return self._observe_pixel_subsample(obs, z, theta, dx, scale)
-            params = self.render(z, theta, dx, scale)
+            if self.lattice is not None:
+                params = self.render_binned(z, *theta, dx, scale)
+            else:
+                params = self.render(z, theta, dx, scale)
             params = self.filter_mean(params, ctf=ctf if self.ctf else None)
             return pyro.sample("obs", self.likelihood(params), obs=obs)
 

@@ -1,4 +1,5 @@
-"""Training objectives beyond Pyro's stock ELBOs: the importance-weighted bound under mini-batching.
+"""Training objectives beyond Pyro's stock ELBOs: the importance-weighted bound under mini-batching, and
+the ELBO of a model that searches its rotation bins with the encoder taught that search.
 
 ``pyro.infer.RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True)`` is the IWAE bound of
 Burda et al. when the whole data set is in the batch. With a subsampled plate (``fit`` passes
@@ -15,12 +16,15 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.infer import RenyiELBO
+from pyro.infer import RenyiELBO, TraceEnum_ELBO
 from pyro.infer.util import is_identically_zero
 from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 
-__all__ = ["IWAE_ELBO"]
+__all__ = ["IWAE_ELBO", "DistilledSearchELBO", "BIN_LOGITS_SITE"]
+
+#: the guide's deterministic site holding its own logits over the model's rotation bins ``(B, K)``
+BIN_LOGITS_SITE = "theta_bin_logits"
 
 
 class IWAE_ELBO(RenyiELBO):  # noqa: N801 - Pyro's naming (Trace_ELBO, TraceMeanField_ELBO)
@@ -102,3 +106,75 @@ class IWAE_ELBO(RenyiELBO):  # noqa: N801 - Pyro's naming (Trace_ELBO, TraceMean
         value = float(loss.detach())
         warn_if_nan(value, "loss")
         return value
+
+
+class DistilledSearchELBO(TraceEnum_ELBO):
+    """``TraceEnum_ELBO`` for a model that sums its rotation bins out (``enumerate_bins=True``), plus the
+    guide's own bin logits fitted to the model's bin posterior.
+
+    In each step the model scores every image at all K bins; normalized over the bins (with the prior and
+    the other latents at the guide's sample) that is ``p(bin | image, z, theta_offset, dx)``, which the
+    ELBO uses and then forgets. This objective keeps it as a target: ``weight * (N / B) sum_i
+    CE(p_i, q_i)``, the cross-entropy of the guide's logits at :data:`BIN_LOGITS_SITE` (a deterministic
+    guide site ``(B, K)``) to that posterior held fixed, so the encoder learns to read the pose the search
+    finds, and amortized inference (``PoseSearchGuide.bins_from = "encoder"``) needs no decoder. The
+    posterior is the forward KL's target, so the encoder covers every bin the search keeps (a digit's turn
+    by pi). The gradients of the ELBO are unchanged; ``loss`` and the values returned are the ELBO's alone,
+    and the last step's cross-entropy per image is in :attr:`last_cross_entropy`.
+    """
+
+    def __init__(self, weight: float = 1.0, **kwargs) -> None:
+        if not weight >= 0:
+            raise ValueError(f"weight must be >= 0, got {weight!r}")
+        kwargs.setdefault("max_plate_nesting", 1)
+        super().__init__(**kwargs)
+        self.weight = float(weight)
+        self.last_cross_entropy = math.nan
+        self._terms: list[torch.Tensor] = []
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        if BIN_LOGITS_SITE not in guide_trace.nodes:
+            raise ValueError(
+                f"DistilledSearchELBO needs a guide that records its bin logits at {BIN_LOGITS_SITE!r} "
+                "(PoseSearchGuide in marginal mode)"
+            )
+        logits = guide_trace.nodes[BIN_LOGITS_SITE]["value"]
+        joint, scale = 0.0, 1.0
+        for site in model_trace.nodes.values():
+            if site["type"] != "sample" or "log_prob" not in site:
+                continue
+            if site["log_prob"].dim() >= 2:  # beyond the images plate: the enumerated bin's dim
+                joint = joint + site["log_prob"]
+            if site["is_observed"] and site["name"] != "theta":
+                scale = site["scale"]
+        if not torch.is_tensor(joint) or joint.dim() != 2 or joint.shape[0] != logits.shape[-1]:
+            raise ValueError("DistilledSearchELBO needs a model that enumerates its rotation bins")
+        target = torch.softmax(joint.detach().float(), 0).T  # (B, K)
+        cross_entropy = -(target * torch.log_softmax(logits.float(), -1)).sum(-1)
+        self._terms.append(scale * cross_entropy.sum())
+        self.last_cross_entropy = float(cross_entropy.detach().mean())
+        return model_trace, guide_trace
+
+    def _distillation(self) -> torch.Tensor | float:
+        terms, self._terms = self._terms, []
+        return self.weight * sum(terms) / self.num_particles
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        try:
+            return super().loss(model, guide, *args, **kwargs)
+        finally:
+            self._terms = []
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        self._terms = []
+        loss = super().differentiable_loss(model, guide, *args, **kwargs)
+        return loss + self._distillation()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        self._terms = []
+        loss = super().loss_and_grads(model, guide, *args, **kwargs)
+        extra = self._distillation()
+        if torch.is_tensor(extra) and extra.requires_grad:
+            extra.backward()
+        return loss

@@ -36,6 +36,7 @@ from .encoders import MLPEncoder
 from .guides import EncoderGuide, NormalFamily, default_family
 from .infer import as_dataset, model_inputs, posterior_means, precision_context, resolve_precision
 from .model import SpatialVAE, images_to_pixels
+from .objectives import BIN_LOGITS_SITE, DistilledSearchELBO
 
 __all__ = [
     "RotationEquivariantEncoder",
@@ -45,8 +46,12 @@ __all__ = [
     "search_theta",
 ]
 
-#: short names of the guide modes, as the benchmarks spell them (``"enum-equivariant"``)
-MODE_PREFIXES = {"enum": "enumerate", "sample": "sample", "marginal": "marginal"}
+#: short names of the guide modes, as the benchmarks spell them (``"enum-equivariant"``); ``"lattice"`` is
+#: the marginal mode on a model that renders its bins through a lattice (``bin_render="lattice"``)
+MODE_PREFIXES = {"enum": "enumerate", "sample": "sample", "marginal": "marginal", "lattice": "marginal"}
+
+
+_AUXILIARY = {"is_auxiliary": True, "_deterministic": True}
 
 
 def _no_latents(*args, **kwargs) -> None:
@@ -137,6 +142,8 @@ class PoseSearchGuide(EncoderGuide):
         num_layers: int = 2,
         activation: str = "tanh",
         channels: int = 32,
+        distill_bins: float = 1.0,
+        bins_from: str = "search",
         name: str | None = None,
     ) -> None:
         super().__init__(model, name=name)
@@ -152,7 +159,11 @@ class PoseSearchGuide(EncoderGuide):
                 f"the other modes with one that does not; got mode={mode!r}, "
                 f"enumerate_bins={model.enumerate_bins}"
             )
+        if not distill_bins >= 0:
+            raise ValueError(f"distill_bins must be >= 0 (a weight), got {distill_bins!r}")
         self.mode = mode
+        self.distill_bins = float(distill_bins)
+        self.bins_from = bins_from  # checked where it is read: it may be set later
         if mode == "marginal":  # the bin posterior is the model's; kept out of the module tree
             object.__setattr__(self, "search_model", model)
         self.bins = bins = model.rotation_bins
@@ -178,6 +189,7 @@ class PoseSearchGuide(EncoderGuide):
         self.z_head = nn.Linear(features, self.z_family.num_params)
         if mode == "marginal" and not self.structured:
             self.offset_head = nn.Linear(features, 2)  # the offset shared by all bins: loc, log scale
+            self.bin_head = nn.Linear(features, bins)  # the encoder's own bins, fitted to the search's
         elif self.structured:
             self.offset_head = nn.Linear(encoder.bin_feature_dim, 2)  # per bin: offset, log scale
         else:
@@ -207,8 +219,8 @@ class PoseSearchGuide(EncoderGuide):
         return self.mode in ("enumerate", "marginal")
 
     def raw_params(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``bin_logits`` ``(B, K)``, ``offset`` / ``log_scale`` ``(B, K)`` (``(B,)`` in marginal mode, which
-        has no bin logits), ``z`` and ``dx`` head outputs."""
+        """``bin_logits`` ``(B, K)`` (in marginal mode the encoder's own guess at the search's bins),
+        ``offset`` / ``log_scale`` ``(B, K)`` (``(B,)`` in marginal mode), ``z`` and ``dx`` head outputs."""
         encoded = self.encoder(images)
         dtype = images.dtype  # under autocast the networks' outputs may be low precision
         if isinstance(encoded, dict):
@@ -223,8 +235,10 @@ class PoseSearchGuide(EncoderGuide):
             per_bin = self.offset_head(encoded["bin_features"]).to(dtype)  # (B, K, 2)
             weights = torch.softmax(encoded["bin_logits"], -1).unsqueeze(-1)
             offset, log_scale = (weights * per_bin).sum(-2).unbind(-1)
+            raw["bin_logits"] = encoded["bin_logits"]
         elif self.mode == "marginal":
             offset, log_scale = self.offset_head(features).to(dtype).unbind(-1)
+            raw["bin_logits"] = self.bin_head(features).to(dtype)
         elif self.structured:
             offset, log_scale = self.offset_head(encoded["bin_features"]).to(dtype).unbind(-1)
             raw["bin_logits"] = encoded["bin_logits"]
@@ -252,7 +266,7 @@ class PoseSearchGuide(EncoderGuide):
         scale = raw["log_scale"].exp()
         if self.mode == "marginal":
             q["theta_offset"] = dist.Normal(raw["offset"], scale)
-            bins = dist.Categorical(probs=self.bin_posterior(images, raw, **model_inputs))
+            bins = dist.Categorical(probs=self._bin_probs(images, raw, model_inputs))
             loc = self.centres + raw["offset"].unsqueeze(-1)
             scale = scale.unsqueeze(-1).expand(loc.shape)
         else:
@@ -273,7 +287,7 @@ class PoseSearchGuide(EncoderGuide):
         latents at their means (:meth:`bin_posterior`, which needs the model's inputs, ``ctf``)."""
         raw = self.raw_params(images)
         if self.mode == "marginal":
-            probs = self.bin_posterior(images, raw, **model_inputs)
+            probs = self._bin_probs(images, raw, model_inputs)
             angle = self.centres + raw["offset"].unsqueeze(-1)
         else:
             probs = torch.softmax(raw["bin_logits"], -1)
@@ -299,6 +313,21 @@ class PoseSearchGuide(EncoderGuide):
         for site, family in self.other_families.items():
             means[site] = family.mean(raw[site])
         return means
+
+    def _bin_probs(self, images: torch.Tensor, raw: dict, model_inputs: dict) -> torch.Tensor:
+        """Marginal mode: the bins' probabilities ``(B, K)`` from where :attr:`bins_from` says."""
+        if self.bins_from == "encoder":
+            return torch.softmax(raw["bin_logits"], -1)
+        if self.bins_from != "search":
+            raise ValueError(f"bins_from must be 'search' or 'encoder', got {self.bins_from!r}")
+        return self.bin_posterior(images, raw, **model_inputs)
+
+    def default_loss(self, **kwargs) -> pyro.infer.ELBO:
+        """``TraceEnum_ELBO``; in marginal mode with ``distill_bins > 0`` the ELBO plus the encoder's bins
+        fitted to the search's (:class:`~pyro_svae.objectives.DistilledSearchELBO`)."""
+        if self.mode == "marginal" and self.distill_bins > 0:
+            return DistilledSearchELBO(weight=self.distill_bins, **kwargs)
+        return super().default_loss(**kwargs)
 
     @torch.no_grad()
     def bin_posterior(
@@ -332,6 +361,9 @@ class PoseSearchGuide(EncoderGuide):
         if self.mode == "marginal":
             offset = dist.Normal(raw["offset"], raw["log_scale"].exp())
             values["theta_offset"] = pyro.sample("theta_offset", offset)
+            # not a latent (log-density 0): what DistilledSearchELBO fits to the model's bin posterior
+            logits = raw["bin_logits"]
+            pyro.sample(BIN_LOGITS_SITE, dist.Delta(logits, event_dim=1), obs=logits, infer=_AUXILIARY)
         else:
             values.update(self._sample_bin_and_theta(raw, infer))
         if self.translate:

@@ -369,14 +369,26 @@ class BinnedRotationPrior(nn.Module):
     def sample(self, theta_prior: torch.distributions.Distribution) -> torch.Tensor:
         """Sample ``theta_bin``, then the angle, for a ``theta_prior`` of event shape ``()``; returns
         ``theta``."""
-        logits = theta_prior.log_prob(self.centres)
         if self.enumerate:
-            bins = dist.Categorical(logits=logits)
-            index = pyro.sample("theta_bin", bins, infer={"enumerate": "parallel"})
-            offset = pyro.sample("theta_offset", self.within_bin(self.centres.new_zeros(())))
-            return pyro.deterministic("theta", self.centres[index] + offset)
-        index = pyro.sample("theta_bin", dist.Categorical(logits=logits))
+            centre, offset = self.sample_parts(theta_prior)
+            return centre + offset
+        index = pyro.sample("theta_bin", dist.Categorical(logits=theta_prior.log_prob(self.centres)))
         return pyro.sample("theta", self.within_bin(self.centres[index]))
+
+    def sample_parts(
+        self, theta_prior: torch.distributions.Distribution
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``enumerate=True``: sample ``theta_bin``, ``theta_offset`` and the deterministic ``theta``; returns
+        the bin's centre (``(K, 1)`` under enumeration) and the offset (``(B,)``), for a decoder that poses
+        one render at every bin (:class:`~pyro_svae.lattice.RenderLattice`)."""
+        if not self.enumerate:
+            raise ValueError("sample_parts splits theta into a bin and an offset: it needs enumerate=True")
+        bins = dist.Categorical(logits=theta_prior.log_prob(self.centres))
+        index = pyro.sample("theta_bin", bins, infer={"enumerate": "parallel"})
+        offset = pyro.sample("theta_offset", self.within_bin(self.centres.new_zeros(())))
+        centre = self.centres[index]
+        pyro.deterministic("theta", centre + offset)
+        return centre, offset
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, enumerate={self.enumerate}"

@@ -146,8 +146,13 @@ def test_a_model_that_sums_over_bins_keeps_the_offset_as_its_continuous_site():
         PoseSearchGuide(binned_model(4), "mlp", mode="marginal")
     guide = PoseSearchGuide(model, "mlp", hidden_dim=8)
     guide_trace = poutine.trace(guide).get_trace(torch.rand(2, 1, 12, 12))
-    sampled = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"]
+    sampled = [
+        name for name, site in guide_trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]
+    ]
     assert guide.mode == "marginal" and sampled == ["images", "z", "theta_offset", "dx"]
+    # the encoder's own bin logits ride along as an observed auxiliary site (log-density 0)
+    logits = guide_trace.nodes["theta_bin_logits"]
+    assert logits["is_observed"] and logits["infer"]["is_auxiliary"] and logits["value"].shape == (2, 4)
 
 
 def test_summing_over_bins_in_the_model_matches_a_hand_computation():
