@@ -56,91 +56,15 @@ def _learned_scale_prior_name(prior: object) -> str | None:
     return "learned_std" if prior.learn_std else "learned"
 
 
-def _image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in image_shape)
-    if len(shape) == 2:
-        shape = (1, *shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"image_shape must be (H, W) or (C, H, W) of positive sizes, got {image_shape}")
-    return shape
-
-
-def _check_pose_options(
-    *,
-    z_dim: int,
-    vanilla: bool,
-    rotate: bool | None,
-    translate: bool | None,
-    priors_given: bool,
-    rotation_bins: int | None,
-    enumerate_bins: bool,
-    scale: bool,
-    compile: bool,
-    coord_frequency: float,
-) -> None:
-    """Refuse options that do not go together (``priors_given``: a theta or dx prior was passed)."""
-    if not isinstance(z_dim, int) or z_dim < 1:
-        raise ValueError(f"z_dim must be an integer >= 1, got {z_dim!r}")
-    if vanilla and (rotate or translate or priors_given):
-        raise ValueError(
-            "vanilla=True has no pose sites: do not combine it with rotate, translate, "
-            "theta_prior or dx_prior"
-        )
-    if rotation_bins is not None and (
-        not isinstance(rotation_bins, int) or rotation_bins < 2 or rotate is False or vanilla
-    ):
-        raise ValueError(
-            f"rotation_bins must be an integer >= 2 on a model that rotates, got {rotation_bins!r}"
-        )
-    if enumerate_bins and rotation_bins is None:
-        raise ValueError("enumerate_bins=True sums over rotation bins: give rotation_bins=K as well")
-    if vanilla and compile:
-        raise ValueError("compile applies to the spatial decoder; the vanilla decoder is not compiled")
-    if vanilla and coord_frequency != 1.0:
-        raise ValueError("coord_frequency applies to the spatial decoder, not to the vanilla one")
-    if vanilla and scale:
-        raise ValueError("vanilla=True has no pose sites: do not combine it with scale or scale_prior")
-
-
 def _scale_prior(
     prior: torch.distributions.Distribution | nn.Module | str | None, std: float
 ) -> tuple[torch.distributions.Distribution | nn.Module | None, float]:
     """The scale prior given by name built, and the std the config records for it."""
     if isinstance(prior, str):
-        if prior not in ("learned", "learned_std"):
-            raise ValueError(
-                f"scale_prior given by name must be 'learned' (location fitted) or 'learned_std' "
-                f"(location and spread), got {prior!r}"
-            )
         prior = LearnableLogNormalScale(std=std, learn_std=prior == "learned_std")
     if isinstance(prior, LearnableLogNormalScale):  # the config rebuilds it with its own std
         std = prior.initial_std
     return prior, std
-
-
-def _check_image_formation(
-    image_shape: tuple[int, int, int],
-    vanilla: bool,
-    ctf: bool,
-    psf_fwhm: float | None,
-    pixel_subsample: int | None,
-) -> None:
-    _, height, width = image_shape
-    if psf_fwhm is not None and not (isinstance(psf_fwhm, (int, float)) and psf_fwhm > 0):
-        raise ValueError(f"psf_fwhm must be a positive width in pixels, got {psf_fwhm!r}")
-    if pixel_subsample is None:
-        return
-    if vanilla or ctf or psf_fwhm is not None:
-        raise ValueError(
-            "pixel_subsample needs the spatial decoder rendering pixels independently: it cannot "
-            "be used with vanilla=True (the decoder emits all pixels at once), ctf=True or "
-            "psf_fwhm (the CTF and the PSF mix all pixels of an image)"
-        )
-    if not isinstance(pixel_subsample, int) or not 1 <= pixel_subsample <= height * width:
-        raise ValueError(
-            f"pixel_subsample must be an integer in [1, {height * width}] (pixels per image), "
-            f"got {pixel_subsample!r}"
-        )
 
 
 def images_plate(batch: int, data_size: int | None, device: torch.device) -> pyro.plate:
@@ -232,59 +156,52 @@ class SpatialVAE(PyroModule):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name or unique_name("svae"))
-        _check_pose_options(
-            z_dim=z_dim,
-            vanilla=vanilla,
-            rotate=rotate,
-            translate=translate,
-            priors_given=theta_prior is not None or dx_prior is not None,
-            rotation_bins=rotation_bins,
-            enumerate_bins=enumerate_bins,
-            scale=scale or scale_prior is not None,
-            compile=compile,
-            coord_frequency=coord_frequency,
-        )
-        scale_prior, scale_prior_std = _scale_prior(scale_prior, scale_prior_std)
-        self.image_shape = _image_shape(image_shape)
-        channels, height, width = self.image_shape
-        _check_image_formation(self.image_shape, vanilla, ctf, psf_fwhm, pixel_subsample)
-        self.z_dim = z_dim
-        self.vanilla = vanilla
-        self.rotate = (not vanilla) if rotate is None else bool(rotate)
-        self.translate = (not vanilla) if translate is None else bool(translate)
-        self.scale = bool(scale) or scale_prior is not None
-        self.ctf = bool(ctf)
-        self.pixel_subsample = pixel_subsample
-        self.config = {
-            "image_shape": list(self.image_shape),
+        from .configs import as_image_shape, check_model_options  # configs imports this module
+
+        options = {  # plain values, ModelConfig's fields
+            "image_shape": as_image_shape(image_shape),
             "z_dim": z_dim,
-            "rotate": self.rotate,
-            "translate": self.translate,
+            "rotate": (not vanilla) if rotate is None else rotate,
+            "translate": (not vanilla) if translate is None else translate,
             "vanilla": vanilla,
             "theta_prior_std": theta_prior_std,
             "dx_prior_std": dx_prior_std,
             "rotation_bins": rotation_bins,
-            "enumerate_bins": bool(enumerate_bins),
-            "scale": self.scale,
+            "enumerate_bins": enumerate_bins,
+            "scale": scale or scale_prior is not None,
             "scale_prior_std": scale_prior_std,
-            "scale_prior": _learned_scale_prior_name(scale_prior),
-            "ctf": self.ctf,
-            "psf_fwhm": None if psf_fwhm is None else float(psf_fwhm),
+            "scale_prior": scale_prior,
+            "ctf": ctf,
+            "psf_fwhm": psf_fwhm,
             "pixel_subsample": pixel_subsample,
-            "compile": bool(compile),
+            "compile": compile,
             "coord_frequency": coord_frequency,
-            "likelihood": likelihood if isinstance(likelihood, str) else type(likelihood).__name__,
+            "likelihood": likelihood,
             "hidden_dim": hidden_dim,
             "num_layers": num_layers,
             "activation": activation,
         }
+        priors = {"z_prior": z_prior, "theta_prior": theta_prior, "dx_prior": dx_prior}
+        check_model_options({**options, **priors}, objects=True)
+        scale_prior, scale_prior_std = _scale_prior(scale_prior, scale_prior_std)
+        self.image_shape = options["image_shape"]
+        channels, height, width = self.image_shape
+        self.z_dim = z_dim
+        self.vanilla = vanilla
+        self.rotate = options["rotate"]
+        self.translate = options["translate"]
+        self.scale = options["scale"]
+        self.ctf = ctf
+        self.pixel_subsample = pixel_subsample
+        self.config = {
+            **options,
+            "image_shape": list(self.image_shape),
+            "scale_prior_std": scale_prior_std,
+            "scale_prior": _learned_scale_prior_name(scale_prior),
+            "psf_fwhm": None if psf_fwhm is None else float(psf_fwhm),
+            "likelihood": likelihood if isinstance(likelihood, str) else type(likelihood).__name__,
+        }
         self.likelihood = make_likelihood(likelihood)
-        for option, chosen in (("ctf=True", self.ctf), ("psf_fwhm", psf_fwhm is not None)):
-            if chosen and not getattr(self.likelihood, "linear_mean", False):
-                raise ValueError(
-                    f"{option} filters the decoder's mean image, which needs a Gaussian likelihood "
-                    f"('gaussian', 'gaussian_learned' or 'gaussian_pixel'), got {self.config['likelihood']}"
-                )
         self.z_prior = as_prior(
             standard_normal_z(z_dim) if z_prior is None else z_prior, site="z", event_shape=(z_dim,)
         )
