@@ -22,15 +22,26 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Mapping
+import operator
+from collections.abc import Iterable, Mapping
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from . import registry
 from .decoders import ACTIVATIONS
+from .lattice import BIN_RENDERS, resolve_bin_render
 from .likelihoods import LIKELIHOODS
 from .runtime import PRECISIONS
 
-__all__ = ["GUIDE_KINDS", "GuideConfig", "ModelConfig", "TrainConfig", "check_compatible"]
+__all__ = [
+    "GUIDE_KINDS",
+    "GuideConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "as_image_shape",
+    "check_compatible",
+    "check_model_options",
+]
 
 GUIDE_KINDS = ("amortized", "pose_search")
 CANONICALIZATIONS = (None, "moments")
@@ -52,11 +63,13 @@ def _int(value: Any, name: str, *, minimum: int = 1, optional: bool = False) -> 
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _positive(value: Any, name: str, *, optional: bool = False) -> None:
+def _positive(
+    value: Any, name: str, *, optional: bool = False, expected: str = "a positive finite number"
+) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def _bool(value: Any, name: str) -> None:
@@ -97,6 +110,7 @@ class ModelConfig:
     dx_prior_std: float = 0.1
     rotation_bins: int | None = None
     enumerate_bins: bool = False
+    bin_render: str | None = None
     scale: bool = False
     scale_prior_std: float = 0.25
     scale_prior: str | dict[str, Any] | None = None
@@ -117,21 +131,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen
-        shape = tuple(self.image_shape) if isinstance(self.image_shape, list | tuple) else ()
-        if len(shape) == 2:
-            shape = (1, *shape)
-        if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
-            raise ValueError(
-                f"image_shape must be (H, W) or (C, H, W) of positive sizes, got {self.image_shape!r}"
-            )
-        set_("image_shape", shape)
-        _bool(self.vanilla, "vanilla")
+        set_("image_shape", as_image_shape(self.image_shape))
         for name in ("rotate", "translate"):
             value = getattr(self, name)
-            if value is not None and self.vanilla and value:
-                raise ValueError(f"vanilla=True has no pose sites: do not combine it with {name}")
             set_(name, (not self.vanilla) if value is None else value)
-            _bool(getattr(self, name), name)
+        set_("bin_render", resolve_bin_render(self.bin_render, self.enumerate_bins))
         for name in self._PRIOR_SITES:
             spec = getattr(self, name)
             set_(name, None if spec is None else registry.check_spec(spec, name))
@@ -139,77 +143,7 @@ class ModelConfig:
             set_("scale_prior", registry.check_spec(self.scale_prior, "scale_prior"))
         if self.scale_prior is not None and not self.scale:  # a prior of the scale site turns it on
             set_("scale", True)
-        self._check_values()
-        self._check_rules()
-
-    def _check_values(self) -> None:
-        _int(self.z_dim, "z_dim")
-        _positive(self.theta_prior_std, "theta_prior_std")
-        _positive(self.dx_prior_std, "dx_prior_std")
-        _positive(self.scale_prior_std, "scale_prior_std")
-        _positive(self.coord_frequency, "coord_frequency")
-        _positive(self.psf_fwhm, "psf_fwhm", optional=True)
-        _int(self.rotation_bins, "rotation_bins", minimum=2, optional=True)
-        _int(self.pixel_subsample, "pixel_subsample", optional=True)
-        _int(self.hidden_dim, "hidden_dim")
-        _int(self.num_layers, "num_layers")
-        for name in ("enumerate_bins", "scale", "ctf", "compile"):
-            _bool(getattr(self, name), name)
-        _choice(self.likelihood, "likelihood", LIKELIHOODS)
-        _choice(self.activation, "activation", ACTIVATIONS)
-        if isinstance(self.scale_prior, str):
-            _choice(self.scale_prior, "scale_prior given by name", SCALE_PRIOR_NAMES)
-
-    def _check_rules(self) -> None:
-        """The rules between options, each checked here once (the CLI reports them by flag)."""
-        if self.vanilla:
-            pose = [n for n in ("theta_prior", "dx_prior", "rotation_bins") if getattr(self, n) is not None]
-            pose += ["scale"] if self.scale else []
-            spatial = [n for n in ("compile", "pixel_subsample") if getattr(self, n)]
-            spatial += ["coord_frequency"] if self.coord_frequency != 1.0 else []
-            if pose:
-                raise ValueError(f"vanilla=True has no pose sites, so {' and '.join(pose)} cannot apply")
-            if spatial:
-                verb = "applies" if len(spatial) == 1 else "apply"
-                raise ValueError(
-                    f"{' and '.join(spatial)} {verb} to the spatial decoder, not to vanilla=True"
-                )
-        if self.rotation_bins is not None and not self.rotate:
-            raise ValueError("rotation_bins searches rotations: it needs a model that rotates")
-        if self.enumerate_bins and self.rotation_bins is None:
-            raise ValueError("enumerate_bins=True sums over rotation bins: give rotation_bins=K as well")
-        if self.pixel_subsample is not None:
-            self._check_pixel_subsample()
-        filters = (
-            ("ctf=True", self.ctf, "CTF-filtered particles"),
-            ("psf_fwhm", self.psf_fwhm, "PSF-blurred images"),
-        )
-        for option, chosen, filtered in filters:
-            if chosen and not getattr(LIKELIHOODS[self.likelihood], "linear_mean", False):
-                raise ValueError(
-                    f"{option} filters the decoder's mean image, which needs a Gaussian likelihood "
-                    f"({', '.join(gaussian_likelihoods())}): the {self.likelihood} likelihood cannot score "
-                    f"{filtered}"
-                )
-
-    def _check_pixel_subsample(self) -> None:
-        mixing = [name for name, on in (("ctf", self.ctf), ("psf_fwhm", self.psf_fwhm is not None)) if on]
-        if mixing:
-            raise ValueError(
-                f"pixel_subsample renders pixels independently, but {' and '.join(mixing)} mix all pixels "
-                "of an image: give one of them"
-            )
-        if self.rotation_bins is not None:
-            raise ValueError(
-                "rotation_bins enumerates rotation bins, which cannot nest the pixels plate of "
-                "pixel_subsample: give one of them"
-            )
-        _, height, width = self.image_shape
-        if self.pixel_subsample > height * width:
-            raise ValueError(
-                f"pixel_subsample {self.pixel_subsample} is more than the {height * width} pixels of a "
-                f"{height}x{width} image"
-            )
+        check_model_options(self)
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -277,6 +211,121 @@ def _same_numbers(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return set(a) == set(b) and all(
         a[k] == b[k] or (isinstance(a[k], float) and math.isclose(a[k], b[k], rel_tol=1e-12)) for k in a
     )
+
+
+def as_image_shape(image_shape: Any) -> tuple[int, int, int]:
+    """``(H, W)`` or ``(C, H, W)`` of positive integer sizes as ``(C, H, W)``."""
+    iterable = isinstance(image_shape, Iterable) and not isinstance(image_shape, str | bytes)
+    shape = tuple(image_shape) if iterable else ()
+    if len(shape) == 2:
+        shape = (1, *shape)
+    try:
+        if len(shape) != 3 or any(isinstance(s, bool) or operator.index(s) < 1 for s in shape):
+            raise TypeError
+    except TypeError:
+        raise ValueError(
+            f"image_shape must be (H, W) or (C, H, W) of positive sizes, got {image_shape!r}"
+        ) from None
+    return tuple(operator.index(s) for s in shape)
+
+
+def check_model_options(options: Any, *, objects: bool = False) -> None:
+    """The rules of a model's options, each here once: the value of each option and the rules between
+    options. :class:`ModelConfig` checks itself with it and :class:`~pyro_svae.model.SpatialVAE` its
+    arguments, so both refuse the same options with the same ``ValueError`` (the CLI reports them by flag).
+
+    ``options``: the :class:`ModelConfig` fields by name (a mapping, or an object with them as attributes)
+    with the defaults resolved: ``image_shape`` ``(C, H, W)``, ``rotate`` and ``translate`` True or False,
+    ``scale`` True where a ``scale_prior`` is given. A prior counts by being given (not ``None``).
+    ``objects``: the options of ``SpatialVAE``, whose ``likelihood`` may be a likelihood module and whose
+    priors may be distributions or modules."""
+    o = SimpleNamespace(**options) if isinstance(options, Mapping) else options
+    _check_model_values(o, objects=objects)
+    _check_model_rules(o)
+
+
+def _check_model_values(o: Any, *, objects: bool) -> None:
+    _int(o.z_dim, "z_dim")
+    _positive(o.theta_prior_std, "theta_prior_std")
+    _positive(o.dx_prior_std, "dx_prior_std")
+    _positive(o.scale_prior_std, "scale_prior_std")
+    _positive(o.coord_frequency, "coord_frequency", expected="positive and finite (about 1 / object size)")
+    _positive(o.psf_fwhm, "psf_fwhm", optional=True, expected="a positive width in pixels")
+    _int(o.rotation_bins, "rotation_bins", minimum=2, optional=True)
+    _int(o.pixel_subsample, "pixel_subsample", optional=True)
+    _int(o.hidden_dim, "hidden_dim")
+    _int(o.num_layers, "num_layers")
+    for name in ("vanilla", "rotate", "translate", "enumerate_bins", "scale", "ctf", "compile"):
+        _bool(getattr(o, name), name)
+    if isinstance(o.likelihood, str) or not objects:
+        _choice(o.likelihood, "likelihood", LIKELIHOODS)
+    _choice(o.activation, "activation", ACTIVATIONS)
+    _choice(o.bin_render, "bin_render", BIN_RENDERS)
+    if isinstance(o.scale_prior, str):
+        _choice(o.scale_prior, "scale_prior given by name", SCALE_PRIOR_NAMES)
+
+
+def _check_model_rules(o: Any) -> None:
+    """The rules between options."""
+    if o.vanilla:
+        switched = [n for n in ("rotate", "translate") if getattr(o, n)]
+        pose = [n for n in ("theta_prior", "dx_prior", "rotation_bins") if getattr(o, n) is not None]
+        pose += ["scale"] if o.scale else []
+        spatial = [n for n in ("compile", "pixel_subsample") if getattr(o, n)]
+        spatial += ["coord_frequency"] if o.coord_frequency != 1.0 else []
+        if switched:
+            raise ValueError(
+                f"vanilla=True has no pose sites: do not combine it with {' and '.join(switched)}"
+            )
+        if pose:
+            raise ValueError(f"vanilla=True has no pose sites, so {' and '.join(pose)} cannot apply")
+        if spatial:
+            verb = "applies" if len(spatial) == 1 else "apply"
+            raise ValueError(f"{' and '.join(spatial)} {verb} to the spatial decoder, not to the vanilla one")
+    if o.rotation_bins is not None and not o.rotate:
+        raise ValueError("rotation_bins searches rotations: it needs a model that rotates")
+    if o.enumerate_bins and o.rotation_bins is None:
+        raise ValueError("enumerate_bins=True sums over rotation bins: give rotation_bins=K as well")
+    if o.bin_render != "exact" and not o.enumerate_bins:
+        raise ValueError(
+            f"bin_render={o.bin_render!r} poses one render at every rotation bin of a model that sums its "
+            "bins out: it needs enumerate_bins=True"
+        )
+    if o.pixel_subsample is not None:
+        _check_pixel_subsample(o)
+    likelihood = LIKELIHOODS[o.likelihood] if isinstance(o.likelihood, str) else o.likelihood
+    likelihood_name = o.likelihood if isinstance(o.likelihood, str) else type(o.likelihood).__name__
+    filters = (
+        ("ctf=True", o.ctf, "CTF-filtered particles"),
+        ("psf_fwhm", o.psf_fwhm, "PSF-blurred images"),
+    )
+    for option, chosen, filtered in filters:
+        if chosen and not getattr(likelihood, "linear_mean", False):
+            raise ValueError(
+                f"{option} filters the decoder's mean image, which needs a Gaussian likelihood "
+                f"({', '.join(gaussian_likelihoods())}): the {likelihood_name} likelihood cannot score "
+                f"{filtered}"
+            )
+
+
+def _check_pixel_subsample(o: Any) -> None:
+    mixing = [name for name, on in (("ctf", o.ctf), ("psf_fwhm", o.psf_fwhm is not None)) if on]
+    if mixing:
+        raise ValueError(
+            f"pixel_subsample renders pixels independently, but {' and '.join(mixing)} mix all pixels "
+            "of an image: give one of them"
+        )
+    if o.rotation_bins is not None:
+        raise ValueError(
+            "rotation_bins enumerates rotation bins, which cannot nest the pixels plate of "
+            "pixel_subsample: give one of them"
+        )
+    _, height, width = o.image_shape
+    if o.pixel_subsample > height * width:
+        raise ValueError(
+            f"pixel_subsample {o.pixel_subsample} is more than the {height * width} pixels of a "
+            f"{height}x{width} image"
+        )
 
 
 def gaussian_likelihoods() -> list[str]:

@@ -16,10 +16,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RenderLattice", "FULL_RADIUS"]
+__all__ = [
+    "RenderLattice",
+    "BIN_RENDERS",
+    "FULL_RADIUS",
+    "LATTICE_RADIUS",
+    "lattice_radius",
+    "resolve_bin_render",
+]
 
+#: how a model that sums over rotation bins renders them: ``"exact"``, the decoder at every bin's posed
+#: grid (K passes); ``"lattice"``, one pass on a :class:`RenderLattice` over the disk of radius
+#: :data:`LATTICE_RADIUS` read at each bin (a round field of view: a turned image's corners continue its
+#: rim); ``"lattice_full"``, the same over the disk that holds every turn of the square (about 2.4 passes)
+BIN_RENDERS = ("exact", "lattice", "lattice_full")
+#: the field of view of ``bin_render="lattice"``, in grid units (the image spans [-1, 1])
+LATTICE_RADIUS = 1.1
 #: the radius that holds every turn of the pixel grid (``sqrt(2)``) shifted by up to 0.3 grid units
 FULL_RADIUS = math.sqrt(2.0) + 0.3
+
+
+def resolve_bin_render(bin_render: str | None, enumerate_bins: bool) -> str:
+    """``bin_render`` with its default resolved: ``"lattice"`` for a model that sums over its bins,
+    ``"exact"`` otherwise."""
+    if bin_render is None:
+        return "lattice" if enumerate_bins else "exact"
+    return bin_render
+
+
+def lattice_radius(bin_render: str) -> float | None:
+    """The lattice radius of a ``bin_render`` (``None`` for ``"exact"``)."""
+    return {"lattice": LATTICE_RADIUS, "lattice_full": FULL_RADIUS}.get(bin_render)
 
 
 def _spacing(size: int) -> float:

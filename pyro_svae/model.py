@@ -15,7 +15,7 @@ from torch import nn
 from .coords import pixel_grid, pose_coordinates
 from .ctf import CTFParams
 from .decoders import SpatialDecoder, VanillaDecoder
-from .lattice import FULL_RADIUS, RenderLattice
+from .lattice import RenderLattice, lattice_radius, resolve_bin_render
 from .likelihoods import LearnedGaussianLikelihood, make_likelihood
 from .optics import Optics
 from .priors import (
@@ -28,15 +28,7 @@ from .priors import (
     standard_normal_z,
 )
 
-__all__ = ["SpatialVAE", "BIN_RENDERS", "unique_name", "images_to_pixels", "pixels_to_images"]
-
-#: how a model that sums over rotation bins renders them: ``"exact"``, the decoder at every bin's posed
-#: grid (K passes); ``"lattice"``, one pass on a :class:`~pyro_svae.lattice.RenderLattice` over the disk
-#: of radius 1.1 read at each bin (a round field of view: a turned image's corners continue its rim);
-#: ``"lattice_full"``, the same over the disk that holds every turn of the square (about 2.4 passes)
-BIN_RENDERS = ("exact", "lattice", "lattice_full")
-#: the field of view of ``bin_render="lattice"``, in grid units (the image spans [-1, 1])
-LATTICE_RADIUS = 1.1
+__all__ = ["SpatialVAE", "unique_name", "images_to_pixels", "pixels_to_images"]
 
 _NAME_COUNTERS: dict[str, itertools.count] = {}
 
@@ -65,103 +57,15 @@ def _learned_scale_prior_name(prior: object) -> str | None:
     return "learned_std" if prior.learn_std else "learned"
 
 
-def _image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in image_shape)
-    if len(shape) == 2:
-        shape = (1, *shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"image_shape must be (H, W) or (C, H, W) of positive sizes, got {image_shape}")
-    return shape
-
-
-def _check_pose_options(
-    *,
-    z_dim: int,
-    vanilla: bool,
-    rotate: bool | None,
-    translate: bool | None,
-    priors_given: bool,
-    rotation_bins: int | None,
-    enumerate_bins: bool,
-    scale: bool,
-    compile: bool,
-    coord_frequency: float,
-) -> None:
-    """Refuse options that do not go together (``priors_given``: a theta or dx prior was passed)."""
-    if not isinstance(z_dim, int) or z_dim < 1:
-        raise ValueError(f"z_dim must be an integer >= 1, got {z_dim!r}")
-    if vanilla and (rotate or translate or priors_given):
-        raise ValueError(
-            "vanilla=True has no pose sites: do not combine it with rotate, translate, "
-            "theta_prior or dx_prior"
-        )
-    if rotation_bins is not None and (
-        not isinstance(rotation_bins, int) or rotation_bins < 2 or rotate is False or vanilla
-    ):
-        raise ValueError(
-            f"rotation_bins must be an integer >= 2 on a model that rotates, got {rotation_bins!r}"
-        )
-    if enumerate_bins and rotation_bins is None:
-        raise ValueError("enumerate_bins=True sums over rotation bins: give rotation_bins=K as well")
-    if vanilla and compile:
-        raise ValueError("compile applies to the spatial decoder; the vanilla decoder is not compiled")
-    if vanilla and coord_frequency != 1.0:
-        raise ValueError("coord_frequency applies to the spatial decoder, not to the vanilla one")
-    if vanilla and scale:
-        raise ValueError("vanilla=True has no pose sites: do not combine it with scale or scale_prior")
-
-
 def _scale_prior(
     prior: torch.distributions.Distribution | nn.Module | str | None, std: float
 ) -> tuple[torch.distributions.Distribution | nn.Module | None, float]:
     """The scale prior given by name built, and the std the config records for it."""
     if isinstance(prior, str):
-        if prior not in ("learned", "learned_std"):
-            raise ValueError(
-                f"scale_prior given by name must be 'learned' (location fitted) or 'learned_std' "
-                f"(location and spread), got {prior!r}"
-            )
         prior = LearnableLogNormalScale(std=std, learn_std=prior == "learned_std")
     if isinstance(prior, LearnableLogNormalScale):  # the config rebuilds it with its own std
         std = prior.initial_std
     return prior, std
-
-
-def _check_image_formation(
-    image_shape: tuple[int, int, int],
-    vanilla: bool,
-    ctf: bool,
-    psf_fwhm: float | None,
-    pixel_subsample: int | None,
-) -> None:
-    _, height, width = image_shape
-    if psf_fwhm is not None and not (isinstance(psf_fwhm, (int, float)) and psf_fwhm > 0):
-        raise ValueError(f"psf_fwhm must be a positive width in pixels, got {psf_fwhm!r}")
-    if pixel_subsample is None:
-        return
-    if vanilla or ctf or psf_fwhm is not None:
-        raise ValueError(
-            "pixel_subsample needs the spatial decoder rendering pixels independently: it cannot "
-            "be used with vanilla=True (the decoder emits all pixels at once), ctf=True or "
-            "psf_fwhm (the CTF and the PSF mix all pixels of an image)"
-        )
-    if not isinstance(pixel_subsample, int) or not 1 <= pixel_subsample <= height * width:
-        raise ValueError(
-            f"pixel_subsample must be an integer in [1, {height * width}] (pixels per image), "
-            f"got {pixel_subsample!r}"
-        )
-
-
-def _check_bin_render(bin_render: str, enumerate_bins: bool, pixel_subsample: int | None) -> None:
-    if bin_render not in BIN_RENDERS:
-        raise ValueError(f"bin_render must be one of {BIN_RENDERS}, got {bin_render!r}")
-    if bin_render != "exact" and not enumerate_bins:
-        raise ValueError(
-            f"bin_render={bin_render!r} poses one render at every bin of a model that sums over its bins: "
-            "it needs rotation_bins=K with enumerate_bins=True"
-        )
-    if bin_render != "exact" and pixel_subsample is not None:
-        raise ValueError(f"bin_render={bin_render!r} renders whole images: not with pixel_subsample")
 
 
 def images_plate(batch: int, data_size: int | None, device: torch.device) -> pyro.plate:
@@ -220,13 +124,14 @@ class SpatialVAE(PyroModule):
     theta_offset`` with ``theta_offset`` the continuous site, ``theta_bin`` marked for parallel enumeration
     and ``theta`` deterministic; the guide gives ``z``, ``theta_offset`` and ``dx`` only, and the bin's
     posterior given them comes from ``TraceEnum_ELBO.compute_marginals``
-    (:meth:`~pyro_svae.pose_search.PoseSearchGuide.bin_posterior`). ``bin_render`` says how the K bins
-    are rendered there (:data:`BIN_RENDERS`): ``"exact"`` runs the decoder at each bin's posed grid (K
-    decoder passes per image); ``"lattice"`` renders each image once, turned by its ``theta_offset``, on a
-    :class:`~pyro_svae.lattice.RenderLattice` and reads every bin's image from it by bilinear interpolation
-    (:meth:`render_binned`): about one pass's cost at any K. Its lattice covers a round field of view of
-    radius 1.1 (the image spans [-1, 1]), so the corners of the image continue the rim outwards;
-    ``"lattice_full"`` covers every turn of the square instead, at about 2.4 passes.
+    (:meth:`~pyro_svae.pose_search.PoseSearchGuide.bin_posterior`). ``bin_render``
+    (:data:`~pyro_svae.lattice.BIN_RENDERS`) says how the K bins are rendered there: ``"exact"`` runs the
+    decoder at each bin's posed grid (K decoder passes per image); ``"lattice"`` (the default) renders each
+    image once, turned by its ``theta_offset``, on a :class:`~pyro_svae.lattice.RenderLattice` and reads
+    every bin's image from it by bilinear interpolation (:meth:`render_binned`): about one pass's cost at
+    any K. Its lattice covers a round field of view of radius 1.1 (the image spans [-1, 1]), so the corners
+    of a turned image continue its rim outwards; ``"lattice_full"`` covers every turn of the square, at
+    about 2.4 passes.
     """
 
     def __init__(
@@ -244,7 +149,7 @@ class SpatialVAE(PyroModule):
         dx_prior_std: float = 0.1,
         rotation_bins: int | None = None,
         enumerate_bins: bool = False,
-        bin_render: str = "exact",
+        bin_render: str | None = None,
         scale: bool = False,
         scale_prior: torch.distributions.Distribution | nn.Module | str | None = None,
         scale_prior_std: float = 0.25,
@@ -260,61 +165,53 @@ class SpatialVAE(PyroModule):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name or unique_name("svae"))
-        _check_pose_options(
-            z_dim=z_dim,
-            vanilla=vanilla,
-            rotate=rotate,
-            translate=translate,
-            priors_given=theta_prior is not None or dx_prior is not None,
-            rotation_bins=rotation_bins,
-            enumerate_bins=enumerate_bins,
-            scale=scale or scale_prior is not None,
-            compile=compile,
-            coord_frequency=coord_frequency,
-        )
-        scale_prior, scale_prior_std = _scale_prior(scale_prior, scale_prior_std)
-        self.image_shape = _image_shape(image_shape)
-        channels, height, width = self.image_shape
-        _check_image_formation(self.image_shape, vanilla, ctf, psf_fwhm, pixel_subsample)
-        _check_bin_render(bin_render, enumerate_bins, pixel_subsample)
-        self.z_dim = z_dim
-        self.vanilla = vanilla
-        self.rotate = (not vanilla) if rotate is None else bool(rotate)
-        self.translate = (not vanilla) if translate is None else bool(translate)
-        self.scale = bool(scale) or scale_prior is not None
-        self.ctf = bool(ctf)
-        self.pixel_subsample = pixel_subsample
-        self.config = {
-            "image_shape": list(self.image_shape),
+        from .configs import as_image_shape, check_model_options  # configs imports this module
+
+        options = {  # plain values, ModelConfig's fields
+            "image_shape": as_image_shape(image_shape),
             "z_dim": z_dim,
-            "rotate": self.rotate,
-            "translate": self.translate,
+            "rotate": (not vanilla) if rotate is None else rotate,
+            "translate": (not vanilla) if translate is None else translate,
             "vanilla": vanilla,
             "theta_prior_std": theta_prior_std,
             "dx_prior_std": dx_prior_std,
             "rotation_bins": rotation_bins,
-            "enumerate_bins": bool(enumerate_bins),
-            "bin_render": bin_render,
-            "scale": self.scale,
+            "enumerate_bins": enumerate_bins,
+            "bin_render": resolve_bin_render(bin_render, enumerate_bins),
+            "scale": scale or scale_prior is not None,
             "scale_prior_std": scale_prior_std,
-            "scale_prior": _learned_scale_prior_name(scale_prior),
-            "ctf": self.ctf,
-            "psf_fwhm": None if psf_fwhm is None else float(psf_fwhm),
+            "scale_prior": scale_prior,
+            "ctf": ctf,
+            "psf_fwhm": psf_fwhm,
             "pixel_subsample": pixel_subsample,
-            "compile": bool(compile),
+            "compile": compile,
             "coord_frequency": coord_frequency,
-            "likelihood": likelihood if isinstance(likelihood, str) else type(likelihood).__name__,
+            "likelihood": likelihood,
             "hidden_dim": hidden_dim,
             "num_layers": num_layers,
             "activation": activation,
         }
+        priors = {"z_prior": z_prior, "theta_prior": theta_prior, "dx_prior": dx_prior}
+        check_model_options({**options, **priors}, objects=True)
+        scale_prior, scale_prior_std = _scale_prior(scale_prior, scale_prior_std)
+        self.image_shape = options["image_shape"]
+        channels, height, width = self.image_shape
+        self.z_dim = z_dim
+        self.vanilla = vanilla
+        self.rotate = options["rotate"]
+        self.translate = options["translate"]
+        self.scale = options["scale"]
+        self.ctf = ctf
+        self.pixel_subsample = pixel_subsample
+        self.config = {
+            **options,
+            "image_shape": list(self.image_shape),
+            "scale_prior_std": scale_prior_std,
+            "scale_prior": _learned_scale_prior_name(scale_prior),
+            "psf_fwhm": None if psf_fwhm is None else float(psf_fwhm),
+            "likelihood": likelihood if isinstance(likelihood, str) else type(likelihood).__name__,
+        }
         self.likelihood = make_likelihood(likelihood)
-        for option, chosen in (("ctf=True", self.ctf), ("psf_fwhm", psf_fwhm is not None)):
-            if chosen and not getattr(self.likelihood, "linear_mean", False):
-                raise ValueError(
-                    f"{option} filters the decoder's mean image, which needs a Gaussian likelihood "
-                    f"('gaussian', 'gaussian_learned' or 'gaussian_pixel'), got {self.config['likelihood']}"
-                )
         self.z_prior = as_prior(
             standard_normal_z(z_dim) if z_prior is None else z_prior, site="z", event_shape=(z_dim,)
         )
@@ -340,10 +237,8 @@ class SpatialVAE(PyroModule):
         self.theta_bins = (
             None if rotation_bins is None else BinnedRotationPrior(rotation_bins, enumerate=enumerate_bins)
         )
-        self.lattice = None
-        if bin_render != "exact":
-            radius = LATTICE_RADIUS if bin_render == "lattice" else FULL_RADIUS
-            self.lattice = RenderLattice(height, width, radius=radius)
+        radius = lattice_radius(options["bin_render"])
+        self.lattice = None if radius is None else RenderLattice(height, width, radius=radius)
         # Plain nn.Modules inside become PyroModules so their parameters live in Pyro's param store.
         to_pyro_module_(self)
 

@@ -25,6 +25,7 @@ Existing results are kept unless ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -208,17 +209,67 @@ def _clear(out: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import analysis_plots, plots
-    from ..analysis_report import analysis_notebook, html_report
-
+    """Load the run and its images, analyse their z, write arrays, figures, selections and the report."""
     device = resolve_device(args.device)
     folder, config, model, guide, _ = runs.load_trained(args.run, device=device)
+    data, particle_files = _load_input(args, config, model)
+    out = _output_folder(args, folder)
+    result = _analyse(args, guide, data)
+    _save_arrays(out, result)
+    figures = _Figures(out)
+    _embedding_figures(figures, result)
+    _cluster_figures(figures, args, model, result)
+    trajectories = _trajectories(figures, args, out, model, result)
+    stars = _cluster_files(args, out, result, particle_files=particle_files)
+    _write_report(args, out, folder, result, figures.entries, trajectories)
+    _print_summary(args, out, result, figures.entries, trajectories, stars=stars)
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Analysis:
+    """The images analysed and what :func:`_analyse` found in their z."""
+
+    data: ImageDataset
+    z: np.ndarray
+    rows: np.ndarray  # the input row of each image
+    pcs: analysis.PCAResult
+    clusters: analysis.KMeansResult
+    embedding: np.ndarray | None  # UMAP, unless skipped
+    truths: dict[str, dict]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.clusters.labels
+
+
+class _Figures:
+    """The figures written to ``out``, as ``(caption, path)`` in the report's order."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.entries: list[tuple[str, Path]] = []
+
+    def save(self, caption: str, fig, name: str) -> None:
+        self.entries.append((caption, _save_figure(fig, self.out / name)))
+
+    def add(self, caption: str, path: Path) -> None:
+        self.entries.append((caption, path))
+
+
+def _load_input(args: argparse.Namespace, config: dict, model) -> tuple[ImageDataset, bool]:
+    """The images to analyse, checked against the model (and whether they come from particle files)."""
     data, particle_files = _load(args, config, model)
     data = as_dataset(data, model.image_shape, name=data.name)
     runs.check_images(data, None, config["model"].get("likelihood", "bernoulli"))
-    n = len(data)
-    if args.ksample > n:
-        raise UsageError(f"-k {args.ksample}: more clusters than the {n} images")
+    if args.ksample > len(data):
+        raise UsageError(f"-k {args.ksample}: more clusters than the {len(data)} images")
+    return data, particle_files
+
+
+def _output_folder(args: argparse.Namespace, folder: runs.RunFolder) -> Path:
+    """``--out`` (default ``RUN/analyze``), made ready: refused if it holds results unless ``--overwrite``,
+    which clears them."""
     out = Path(args.out) if args.out else folder.root / "analyze"
     existing = out.is_dir() and any(p.is_file() for pattern in PATTERNS for p in out.glob(pattern))
     if existing and not args.overwrite:
@@ -228,54 +279,60 @@ def main(args: argparse.Namespace) -> int:
         _clear(out)
         for name in FIXED_OUTPUTS:
             (out / name).unlink(missing_ok=True)
+    return out
 
+
+def _analyse(args: argparse.Namespace, guide, data: ImageDataset) -> _Analysis:
+    """Posterior means z (seeded), their PCA, k-means clusters, UMAP and the known truths."""
     pyro.set_rng_seed(args.seed)
     summary = runs.posterior_summaries(guide, data, draws=2, batch_size=args.batch_size)
     if "z_mean" not in summary:
         raise UsageError(f"{args.run}: the guide has no z to analyse")
     z = summary["z_mean"].numpy().astype(np.float32)
+    n = len(data)
     rows = np.arange(n) if data.source_index is None else data.source_index.numpy()
-    z_dim = z.shape[1]
     pcs = analysis.pca(z)
     clusters = analysis.kmeans(z, args.ksample, seed=args.seed)
-    labels = clusters.labels
     embedding = None if args.skip_umap or n < 4 else analysis.umap_embedding(z, seed=args.seed)
-    truths = _truths(data, labels, args.truth_bins)
+    truths = _truths(data, clusters.labels, args.truth_bins)
+    return _Analysis(data, z, rows, pcs, clusters, embedding, truths)
 
-    _save_npy(out / "z.npy", z)
-    _save_npy(out / "rows.npy", rows.astype(np.int64))
-    _save_npy(out / "pca.npy", pcs.coords.astype(np.float32))
-    _save_npy(out / "kmeans_labels.npy", labels)
-    _save_npy(out / "centers.npy", clusters.centers)
-    if embedding is not None:
-        _save_npy(out / "umap.npy", embedding)
 
-    figures: list[tuple[str, Path]] = []
+def _save_arrays(out: Path, result: _Analysis) -> None:
+    _save_npy(out / "z.npy", result.z)
+    _save_npy(out / "rows.npy", result.rows.astype(np.int64))
+    _save_npy(out / "pca.npy", result.pcs.coords.astype(np.float32))
+    _save_npy(out / "kmeans_labels.npy", result.labels)
+    _save_npy(out / "centers.npy", result.clusters.centers)
+    if result.embedding is not None:
+        _save_npy(out / "umap.npy", result.embedding)
 
-    def figure(caption: str, fig, name: str) -> None:
-        figures.append((caption, _save_figure(fig, out / name)))
 
-    views = [("pca", "PCA", pcs.coords[:, :2], "PC")]
-    if embedding is not None:
-        views.append(("umap", "UMAP", embedding, "UMAP"))
+def _embedding_figures(figures: _Figures, result: _Analysis) -> None:
+    """PCA (and UMAP) of z coloured by density, by cluster and by each known truth."""
+    from .. import analysis_plots
+
+    views = [("pca", "PCA", result.pcs.coords[:, :2], "PC")]
+    if result.embedding is not None:
+        views.append(("umap", "UMAP", result.embedding, "UMAP"))
     for key, title, points, axis in views:
         density = analysis.point_density(points)
-        figure(
+        figures.save(
             f"{title} of z, coloured by point density",
             analysis_plots.embedding_figure(
                 points, density, title=f"{title}: density", axis_label=axis, colour_label="density"
             ),
             f"{key}_density.png",
         )
-        figure(
+        figures.save(
             f"{title} of z, coloured by k-means cluster",
             analysis_plots.clusters_figure(
-                points, labels, title=f"{title}: k-means clusters", axis_label=axis
+                points, result.labels, title=f"{title}: k-means clusters", axis_label=axis
             ),
             f"{key}_clusters.png",
         )
-        for name, truth in truths.items():
-            figure(
+        for name, truth in result.truths.items():
+            figures.save(
                 f"{title} of z, coloured by the true {name}",
                 analysis_plots.embedding_figure(
                     points,
@@ -288,8 +345,13 @@ def main(args: argparse.Namespace) -> int:
                 f"{key}_{name}.png",
             )
 
-    centres = analysis.decode_upright(model, clusters.centers)
-    figure(
+
+def _cluster_figures(figures: _Figures, args: argparse.Namespace, model, result: _Analysis) -> None:
+    """The cluster centres decoded upright, and a montage of each cluster's members (seeded picks)."""
+    from .. import analysis_plots, plots
+
+    centres = analysis.decode_upright(model, result.clusters.centers)
+    figures.save(
         "k-means cluster centres decoded upright (theta = 0, dx = 0)",
         plots.image_grid_figure(centres, columns=min(10, args.ksample), title="cluster centres 0..K-1"),
         "cluster_centers.png",
@@ -297,36 +359,53 @@ def main(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     members = []
     for k in range(args.ksample):
-        index = np.flatnonzero(labels == k)
+        index = np.flatnonzero(result.labels == k)
         pick = np.sort(rng.choice(index, size=min(8, len(index)), replace=False)) if len(index) else index
-        members.append(data.images[torch.as_tensor(pick, dtype=torch.long)])
-    figure(
+        members.append(result.data.images[torch.as_tensor(pick, dtype=torch.long)])
+    figures.save(
         "each cluster: its centre decoded upright (framed) and member particles as given",
-        analysis_plots.cluster_montage_figure(centres, members, sizes=clusters.sizes),
+        analysis_plots.cluster_montage_figure(centres, members, sizes=result.clusters.sizes),
         "cluster_members.png",
     )
 
+
+def _trajectories(
+    figures: _Figures, args: argparse.Namespace, out: Path, model, result: _Analysis
+) -> list[str]:
+    """z along each of the first ``--pc`` PCs decoded upright: ``_z.npy``, ``.mrcs``, ``.gif``, ``.png``;
+    returns their stems."""
+    from .. import analysis_plots, plots
+
+    data = result.data
     pixel_size = data.info.get("pixel_size")
     if pixel_size is None and data.ctf is not None:
         pixel_size = float(data.ctf.pixel_size[0])
-    trajectories = []
-    for component in range(min(args.pc, z_dim)):
-        path_z, t = analysis.pc_trajectory(pcs, component, steps=max(2, args.steps))
+    stems = []
+    for component in range(min(args.pc, result.z.shape[1])):
+        path_z, t = analysis.pc_trajectory(result.pcs, component, steps=max(2, args.steps))
         images = analysis.decode_upright(model, path_z)
         stem = f"pc{component + 1}_trajectory"
         _save_npy(out / f"{stem}_z.npy", path_z)
         _write_mrcs(out / f"{stem}.mrcs", images, pixel_size)
         plots.traversal_animation(model, out / f"{stem}.gif", latents=(path_z, t, f"PC {component + 1}"))
-        figure(
+        figures.save(
             f"z along PC {component + 1} (5th to 95th percentile), decoded upright",
             analysis_plots.trajectory_figure(images, t, title=f"PC {component + 1} trajectory"),
             f"{stem}.png",
         )
-        figures.append((f"PC {component + 1} trajectory (animation)", out / f"{stem}.gif"))
-        trajectories.append(stem)
+        figures.add(f"PC {component + 1} trajectory (animation)", out / f"{stem}.gif")
+        stems.append(stem)
+    return stems
 
+
+def _cluster_files(
+    args: argparse.Namespace, out: Path, result: _Analysis, *, particle_files: bool
+) -> list[str]:
+    """Each cluster's selection (``cluster_<k>.ind.npy``); for particle files also the STAR (and .cs)
+    files with the clusters as classes. Returns the names of the STAR/.cs files written."""
+    labels, data = result.labels, result.data
     for k in range(args.ksample):
-        _save_npy(out / f"cluster_{k}.ind.npy", np.sort(rows[labels == k]).astype(np.int64))
+        _save_npy(out / f"cluster_{k}.ind.npy", np.sort(result.rows[labels == k]).astype(np.int64))
     classes = labels + 1
     stars = []
     if particle_files:
@@ -337,36 +416,61 @@ def main(args: argparse.Namespace) -> int:
             stars.append(write_class_cs(out / "particles_clusters.cs", data, classes).name)
             for k in range(args.ksample):
                 stars.append(write_class_cs(out / f"cluster_{k}.cs", data, classes, select=labels == k).name)
+    return stars
+
+
+def _write_report(
+    args: argparse.Namespace,
+    out: Path,
+    folder: runs.RunFolder,
+    result: _Analysis,
+    figures: list[tuple[str, Path]],
+    trajectories: list[str],
+) -> None:
+    """``analysis.json``, ``analysis.ipynb`` and ``index.html`` (every figure embedded)."""
+    import nbformat
+
+    from ..analysis_report import analysis_notebook, html_report
 
     report = {
         "run": str(folder.root),
-        "data": data.name,
-        "n": n,
-        "z_dim": z_dim,
+        "data": result.data.name,
+        "n": len(result.data),
+        "z_dim": result.z.shape[1],
         "seed": args.seed,
         "k": args.ksample,
-        "cluster_sizes": clusters.sizes.tolist(),
-        "explained_variance_ratio": pcs.explained_variance_ratio.tolist(),
-        "umap": embedding is not None,
-        "truth": {name: {k: v for k, v in t.items() if k != "values"} for name, t in truths.items()},
+        "cluster_sizes": result.clusters.sizes.tolist(),
+        "explained_variance_ratio": result.pcs.explained_variance_ratio.tolist(),
+        "umap": result.embedding is not None,
+        "truth": {name: {k: v for k, v in t.items() if k != "values"} for name, t in result.truths.items()},
         "figures": [path.name for _, path in figures],
         "trajectories": trajectories,
     }
     runs.write_json(out / "analysis.json", report)
-    notebook = analysis_notebook(run=str(folder.root), has_umap=embedding is not None, truths=list(truths))
-    import nbformat
-
+    notebook = analysis_notebook(
+        run=str(folder.root), has_umap=result.embedding is not None, truths=list(result.truths)
+    )
     atomic_write(out / "analysis.ipynb", lambda tmp: nbformat.write(notebook, tmp))
     files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
     files = sorted({*files, "index.html"})
-    page = html_report(f"pyro-svae analyze: {folder.root.name} ({data.name})", report, figures, files)
+    page = html_report(f"pyro-svae analyze: {folder.root.name} ({result.data.name})", report, figures, files)
     atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
 
-    print(f"{data.name}: {n} images, z_dim {z_dim}, {args.ksample} clusters of {clusters.sizes.tolist()}")
-    for name, truth in truths.items():
+
+def _print_summary(
+    args: argparse.Namespace,
+    out: Path,
+    result: _Analysis,
+    figures: list[tuple[str, Path]],
+    trajectories: list[str],
+    *,
+    stars: list[str],
+) -> None:
+    data, z_dim, sizes = result.data, result.z.shape[1], result.clusters.sizes.tolist()
+    print(f"{data.name}: {len(data)} images, z_dim {z_dim}, {args.ksample} clusters of {sizes}")
+    for name, truth in result.truths.items():
         how = f" ({truth['binning']})" if truth["binning"] else ""
         print(f"purity against the true {name}{how}: {truth['purity']:.3f}")
     print(f"{len(figures)} figures, {len(trajectories)} trajectories; open {out / 'index.html'}")
     if stars:
         print("particles_clusters.star: rlnClassNumber = cluster + 1; rlnImageName as in the input")
-    return 0

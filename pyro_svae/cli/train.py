@@ -96,10 +96,12 @@ RESUMABLE = ("epochs", "device", "no_progress", "resume", "distributed", "precis
 class Option:
     """One ``pyro-svae train`` option: its argparse entry and what it sets.
 
-    ``target``: the config fields the option's value goes to, ``"section.field"`` (``model``, ``guide``,
-    ``training``); ``None`` for options the CLI reads itself (data, run folder, device). ``convert`` maps a
-    given value to the field's (``--no-rotate`` -> ``rotate=False``). ``default=None`` is the placeholder
-    of an option not given (its default comes from :data:`DEFAULTS`, or the config's own)."""
+    ``target``: the fields the option's value goes to, ``"section.field"``: the run's configs (``model``,
+    ``guide``, ``training``) or its data spec (``data``: a keyword of :func:`~pyro_svae.runs.data_spec`,
+    ``particles``: of :func:`~pyro_svae.runs.particle_spec`); ``None`` for options the CLI reads itself
+    (run folder, device). ``convert`` maps a given value to the field's (``--no-rotate`` ->
+    ``rotate=False``). ``default=None`` is the placeholder of an option not given (its default comes
+    from :data:`DEFAULTS`, or the config's or the data spec's own)."""
 
     flags: tuple[str, ...]
     group: str
@@ -128,6 +130,8 @@ class Option:
 _d = DEFAULTS
 _off = lambda given: not given  # noqa: E731 - a --no-X flag given sets X=False
 _DATA, _CRYO, _MODEL, _TRAINING, _RUN = "data", "cryo-EM particles", "model", "training", "run folder"
+#: the target sections that are the run's configs (the others, ``data`` and ``particles``, its data spec)
+_CONFIG_SECTIONS = ("model", "guide", "training")
 OPTIONS: tuple[Option, ...] = (
     # data
     Option(
@@ -138,10 +142,25 @@ OPTIONS: tuple[Option, ...] = (
         "(N, C, H, W) or MNIST IDX, or a folder of PNG/JPEG/.npy/FITS cut-outs of one size "
         f"(default: {_d['data']})",
         metavar="NAME|FILE|DIR",
+        target="data.data",
     ),
-    Option(("--labels",), _DATA, "class labels of --data (.npy or IDX), optional", metavar="FILE"),
-    Option(("--test-data",), _DATA, "test images (default: hold out --test-size of --data)", metavar="FILE"),
-    Option(("--test-labels",), _DATA, "class labels of --test-data", metavar="FILE"),
+    Option(
+        ("--labels",),
+        _DATA,
+        "class labels of --data (.npy or IDX), optional",
+        metavar="FILE",
+        target="data.labels",
+    ),
+    Option(
+        ("--test-data",),
+        _DATA,
+        "test images (default: hold out --test-size of --data)",
+        metavar="FILE",
+        target="data.test_data",
+    ),
+    Option(
+        ("--test-labels",), _DATA, "class labels of --test-data", metavar="FILE", target="data.test_labels"
+    ),
     Option(
         ("--test-size",),
         _DATA,
@@ -149,6 +168,7 @@ OPTIONS: tuple[Option, ...] = (
         "file; 1000 for a built-in data set)",
         type=positive_float,
         metavar="N",
+        target=("data.test_size", "particles.test_size"),
     ),
     Option(
         ("--train-size",),
@@ -156,6 +176,7 @@ OPTIONS: tuple[Option, ...] = (
         "use only the first N training images (quick trials)",
         type=positive_int,
         metavar="N",
+        target=("data.train_size", "particles.train_size"),
     ),
     # cryo-EM particles
     Option(
@@ -164,15 +185,21 @@ OPTIONS: tuple[Option, ...] = (
         "particle images: a RELION .star or cryoSPARC .cs file (CTF from its columns) or an "
         ".mrcs/.mrc/.npy stack (then --ctf gives its CTF rows)",
         metavar="FILE",
+        target="particles.particles",
     ),
     Option(
-        ("--ctf",), _CRYO, "CTF parameters of a --particles stack, one row per image", metavar="FILE.star"
+        ("--ctf",),
+        _CRYO,
+        "CTF parameters of a --particles stack, one row per image",
+        metavar="FILE.star",
+        target="particles.ctf",
     ),
     Option(
         ("--ind",),
         _CRYO,
         "train on these particles only: 0-based indices, .npy or .txt (as cryoDRGN's --ind)",
         metavar="FILE",
+        target="particles.ind",
     ),
     Option(
         ("--cache-images",),
@@ -180,6 +207,7 @@ OPTIONS: tuple[Option, ...] = (
         "read the particles into memory once: 'auto' when they take at most 1 GiB, else they are read "
         "from their stacks batch by batch (default: auto)",
         choices=runs.CACHE_CHOICES,
+        target="particles.cache",
     ),
     Option(
         ("--pixel-size",),
@@ -187,21 +215,39 @@ OPTIONS: tuple[Option, ...] = (
         "pixel size in Å where the files do not give it (STAR optics, MRC header)",
         type=positive_float,
         metavar="A",
+        target="particles.pixel_size",
     ),
     Option(
         ("--no-ctf",),
         _CRYO,
         "ignore the CTF even when the particles carry one (default: model it when present)",
         action="store_true",
+        target="particles.use_ctf",
+        convert=_off,
     ),
-    Option(("--box",), _CRYO, "Fourier-crop the particles to N x N pixels", type=positive_int, metavar="N"),
+    Option(
+        ("--box",),
+        _CRYO,
+        "Fourier-crop the particles to N x N pixels",
+        type=positive_int,
+        metavar="N",
+        target="particles.box",
+    ),
     Option(
         ("--no-normalize",),
         _CRYO,
         "keep pixel values (default: zero mean, unit std of each particle's background)",
         action="store_true",
+        target="particles.normalize",
+        convert=_off,
     ),
-    Option(("--invert",), _CRYO, "multiply the particles by -1 (dark -> light)", action="store_true"),
+    Option(
+        ("--invert",),
+        _CRYO,
+        "multiply the particles by -1 (dark -> light)",
+        action="store_true",
+        target="particles.invert",
+    ),
     Option(
         ("--mask-radius",),
         _CRYO,
@@ -209,6 +255,7 @@ OPTIONS: tuple[Option, ...] = (
         "(default: 0.75 x box / 2, RELION's)",
         type=positive_float,
         metavar="PX",
+        target="particles.mask_radius",
     ),
     # model
     Option(
@@ -589,12 +636,14 @@ def _check_contradictions(args: argparse.Namespace) -> None:
         raise UsageError(f"--pose-search needs at least 2 rotation bins, got {args.pose_search}")
 
 
-def _config_fields(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The ``model``, ``guide`` and ``training`` fields the options set, through :data:`OPTIONS`' targets.
-    An option not given takes its value from ``defaults``, else leaves the config's own default; a later
+def _target_fields(
+    args: argparse.Namespace, defaults: dict[str, Any], sections: tuple[str, ...] = _CONFIG_SECTIONS
+) -> dict[str, dict[str, Any]]:
+    """The fields of ``sections`` the options set, through :data:`OPTIONS`' targets. An option not given
+    takes its value from ``defaults``, else leaves the config's (the data spec's) own default; a later
     option of the table overrides an earlier one of the same field (``--decoder-hidden-dim`` over
     ``--hidden-dim``)."""
-    fields: dict[str, dict[str, Any]] = {"model": {}, "guide": {}, "training": {}}
+    fields: dict[str, dict[str, Any]] = {section: {} for section in sections}
     for option in OPTIONS:
         value = getattr(args, option.dest)
         if value is None and option.dest not in defaults:
@@ -605,7 +654,8 @@ def _config_fields(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[s
             value = option.convert(value)
         for target in option.targets:
             section, field = target.split(".")
-            fields[section][field] = value
+            if section in fields:
+                fields[section][field] = value
     return fields
 
 
@@ -619,7 +669,7 @@ def _configs(
 ) -> tuple[ModelConfig, GuideConfig, TrainConfig]:
     """The run's configurations from the options; the rules between options are the config classes'
     (their ``ValueError`` reported as a usage error naming the flags)."""
-    fields = _config_fields(args, defaults)
+    fields = _target_fields(args, defaults)
     model, guide, training = fields["model"], fields["guide"], fields["training"]
     mode = guide.pop("mode")
     if model.get("rotation_bins") is not None:
@@ -641,7 +691,9 @@ def _in_flags(message: str, *, ctf: bool) -> str:
     names: dict[str, str] = {"vanilla=True": "--vanilla", "ctf=True": "the CTF", "ctf": "the CTF"}
     for option in OPTIONS:
         for target in option.targets:
-            names.setdefault(target.split(".")[1], _flag(option.dest))
+            section, field = target.split(".")
+            if section in _CONFIG_SECTIONS:
+                names.setdefault(field, _flag(option.dest))
     del names["likelihood"]  # also a plain word of the messages
     alternatives = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
     text = re.sub(rf"(?<![\w.-])({alternatives})(?![\w=])", lambda m: names[m.group(1)], message)
@@ -726,29 +778,12 @@ def _check_precision(precision: str, device: torch.device) -> None:
 
 
 def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
-    if args.particles is not None:
-        return runs.particle_spec(
-            args.particles,
-            ctf=args.ctf,
-            pixel_size=args.pixel_size,
-            use_ctf=not args.no_ctf,
-            box=args.box,
-            normalize=not args.no_normalize,
-            invert=bool(args.invert),
-            mask_radius=args.mask_radius,
-            ind=args.ind,
-            cache=args.cache_images or "auto",
-            test_size=args.test_size,
-            train_size=args.train_size,
-        )
-    return runs.data_spec(
-        _value(args, "data"),
-        labels=args.labels,
-        test_data=args.test_data,
-        test_labels=args.test_labels,
-        test_size=args.test_size,
-        train_size=args.train_size,
-    )
+    """The run's data spec: :func:`~pyro_svae.runs.particle_spec` of the options whose target is
+    ``particles.*`` when ``--particles`` is given, else :func:`~pyro_svae.runs.data_spec` of the
+    ``data.*`` ones."""
+    section = "particles" if args.particles is not None else "data"
+    fields = _target_fields(args, DEFAULTS, (section,))[section]
+    return runs.particle_spec(**fields) if section == "particles" else runs.data_spec(**fields)
 
 
 def _check_data_options(args: argparse.Namespace, spec: dict[str, Any], train, *, ctf: bool) -> None:

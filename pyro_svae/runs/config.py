@@ -66,6 +66,7 @@ def migrate_sections(config: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(model, dict):
         for key in ("z_prior", "theta_prior", "dx_prior"):
             model.setdefault(key, None)
+        model.setdefault("bin_render", "exact")  # runs before the lattice rendered every bin exactly
     if isinstance(guide, dict):
         guide.setdefault("kind", "amortized")
         encoder = guide.get("encoder")
