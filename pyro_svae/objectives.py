@@ -142,10 +142,11 @@ class DistilledSearchELBO(TraceEnum_ELBO):
         logits = guide_trace.nodes[BIN_LOGITS_SITE]["value"]
         joint, scale = 0.0, 1.0
         for site in model_trace.nodes.values():
-            if site["type"] != "sample" or "log_prob" not in site:
+            if site["type"] != "sample" or "unscaled_log_prob" not in site:
                 continue
-            if site["log_prob"].dim() >= 2:  # beyond the images plate: the enumerated bin's dim
-                joint = joint + site["log_prob"]
+            log_prob = site["unscaled_log_prob"]  # the posterior's, not tempered by the data's N / B
+            if log_prob.dim() >= 2:  # beyond the images plate: the enumerated bin's dim
+                joint = joint + log_prob
             if site["is_observed"] and site["name"] != "theta":
                 scale = site["scale"]
         if not torch.is_tensor(joint) or joint.dim() != 2 or joint.shape[0] != logits.shape[-1]:

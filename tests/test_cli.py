@@ -570,6 +570,15 @@ CONTRADICTIONS = {
     "pose search with one bin": (["--pose-search", "1"], "at least 2 rotation bins"),
     "pose search with pixel subsampling": (["--pose-search", "8", "--pixel-subsample", "20"], "give one"),
     "pose search mode without pose search": (["--pose-search-mode", "marginal"], "add --pose-search"),
+    "render without pose search": (["--pose-search-render", "exact"], "add --pose-search"),
+    "encoder with the search off": (
+        ["--pose-search", "0", "--pose-search-encoder", "mlp"],
+        "add --pose-search",
+    ),
+    "lattice without summing the bins": (
+        ["--pose-search", "8", "--pose-search-render", "lattice"],
+        "--pose-search-mode",
+    ),
     "pixel subsampling with vanilla": (["--vanilla", "--pixel-subsample", "20"], "--pixel-subsample"),
     "too many pixels": (["--pixel-subsample", "500"], "196 pixels"),
     "compile with vanilla": (["--vanilla", "--compile"], "--compile"),
@@ -792,7 +801,9 @@ def test_train_on_simulated_particles_end_to_end(particle_run, simulated, capsys
     model = config["model"]
     assert model["ctf"] and model["likelihood"] == "gaussian"
     assert model["theta_prior_std"] == pytest.approx(np.pi)  # in-plane rotations are uniform
-    assert config["guide"]["kind"] == "amortized"
+    # particles search 16 rotation bins, summed out by the model through its render lattice
+    assert config["guide"]["kind"] == "pose_search" and config["guide"]["mode"] == "marginal"
+    assert model["rotation_bins"] == 16 and model["enumerate_bins"] and model["bin_render"] == "lattice"
     # the default precision is auto; config.json records what it resolved to on this machine
     assert config["training"]["precision"] == resolve_precision("auto", torch.device("cpu"))
 

@@ -102,6 +102,9 @@ def test_migration_fills_version_2_keys_and_newer_versions_are_refused(tmp_path)
     migrated = runs.migrate_config(_v1_pose_search_config())
     assert migrated["config_version"] == 2 and migrated["guide"]["encoder"] == "equivariant"
     assert {"z_prior", "theta_prior", "dx_prior"} <= set(migrated["model"])
+    assert migrated["model"]["bin_render"] == "exact"  # those runs rendered every bin
+    summing = ModelConfig(image_shape=(8, 8), rotation_bins=4, enumerate_bins=True)
+    assert summing.bin_render == "lattice" and ModelConfig(image_shape=(8, 8)).bin_render == "exact"
     no_precision = json.loads(V1_CONFIG)
     del no_precision["training"]["precision"]
     assert runs.migrate_config(no_precision)["training"]["precision"] == "fp32"
@@ -221,6 +224,11 @@ def dataclasses_frozen_error():
         (lambda: ModelConfig(image_shape=(8, 8), vanilla=True, compile=True), "spatial decoder"),
         (lambda: ModelConfig(image_shape=(8,) * 2, rotate=False, rotation_bins=4), "model that rotates"),
         (lambda: ModelConfig(image_shape=(8, 8), enumerate_bins=True), "give rotation_bins=K"),
+        (
+            lambda: ModelConfig(image_shape=(8, 8), rotation_bins=4, bin_render="lattice"),
+            "enumerate_bins=True",
+        ),
+        (lambda: ModelConfig(image_shape=(8, 8), bin_render="fft"), "bin_render must be one of"),
         (lambda: ModelConfig(image_shape=(8, 8), ctf=True), "ctf=True filters the decoder's mean image"),
         (
             lambda: ModelConfig(image_shape=(8, 8), likelihood="gaussian", psf_fwhm=2.0, pixel_subsample=4),

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from pyro_svae import AmortizedGuide, SpatialVAE, evaluate, fit
-from pyro_svae.objectives import IWAE_ELBO
+from pyro_svae.coords import bin_centres, pixel_grid
+from pyro_svae.objectives import IWAE_ELBO, DistilledSearchELBO
+from pyro_svae.pose_search import PoseSearchGuide
 
 
 def tiny(family="normal"):
@@ -91,3 +93,68 @@ def test_training_with_fit_raises_the_importance_weighted_bound():
     fit(model, guide, images, epochs=10, batch_size=20, learning_rate=2e-2, loss=IWAE_ELBO(4), progress=False)
     after = evaluate(model, guide, images, num_particles=8, seed=0)["iw_elbo"]
     assert after > before + 1.0
+
+
+def searching(bins=4):
+    uniform = pyro.distributions.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
+    model = SpatialVAE(
+        (10, 10), 2, rotation_bins=bins, enumerate_bins=True, theta_prior=uniform, hidden_dim=16
+    )
+    return model, PoseSearchGuide(model, "mlp", hidden_dim=16)
+
+
+def test_distillation_leaves_the_elbo_and_fits_the_encoders_bins_to_the_models_bin_posterior():
+    model, guide = searching()
+    images = torch.rand(6, 1, 10, 10).round()
+    plain = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)
+    distilled = DistilledSearchELBO(weight=2.0)
+    assert losses(distilled, model, guide, images) == pytest.approx(losses(plain, model, guide, images))
+    pyro.set_rng_seed(5)
+    total = distilled.differentiable_loss(model, guide, images, data_size=60)
+    # the target: the model's posterior over bins given the guide's draw (the same draw, same seed)
+    pyro.set_rng_seed(5)
+    draw = pyro.poutine.trace(guide).get_trace(images)
+    latents = {site: draw.nodes[site]["value"] for site in ("z", "theta_offset", "dx")}
+    with torch.no_grad():
+        obs = images.reshape(6, -1, 1)
+        centres = bin_centres(4).view(4, 1)
+        params = model.render_binned(latents["z"], centres, latents["theta_offset"], latents["dx"])
+        posterior = torch.softmax(model.likelihood(params).log_prob(obs), 0).T  # uniform bins
+        logits = draw.nodes["theta_bin_logits"]["value"]
+        cross_entropy = -(posterior * torch.log_softmax(logits, -1)).sum(-1)
+    pyro.set_rng_seed(5)
+    elbo_loss = plain.differentiable_loss(model, guide, images, data_size=60)
+    assert distilled.last_cross_entropy == pytest.approx(float(cross_entropy.mean()), rel=1e-4)
+    expected = elbo_loss + 2.0 * 10 * cross_entropy.sum()  # scaled like the data: 60 / 6
+    assert float(total) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_distillation_gradients_reach_the_encoder_only_and_training_lowers_the_cross_entropy():
+    model, guide = searching()
+    # a bar at one of four angles: the model's bin posterior has something to say
+    grid = pixel_grid(10)
+    angles = bin_centres(4).repeat(5)
+    along = grid @ torch.stack([angles.cos(), angles.sin()])  # (P, 20)
+    across = grid @ torch.stack([-angles.sin(), angles.cos()])
+    images = ((across.abs() < 0.25) & (along > -0.2)).float().T.reshape(20, 1, 10, 10)
+    objective = guide.default_loss()
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), objective)
+    svi.step(images)
+    first = objective.last_cross_entropy
+    model.zero_grad()
+    guide.zero_grad()
+    pyro.set_rng_seed(0)
+    guide.default_loss().differentiable_loss(model, guide, images).backward()
+    with_distillation = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    pyro.set_rng_seed(0)
+    pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, images).backward()
+    assert all(torch.allclose(a, p.grad) for a, p in zip(with_distillation, model.parameters(), strict=True))
+    for _ in range(40):
+        svi.step(images)
+    assert objective.last_cross_entropy < first
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        DistilledSearchELBO(weight=-1.0)
+    plain_model, plain_guide = tiny()
+    with pytest.raises(ValueError, match="records its bin logits"):
+        DistilledSearchELBO().loss(plain_model, plain_guide, images[:, :, :6, :6])

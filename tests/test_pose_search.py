@@ -147,7 +147,9 @@ def test_a_model_that_sums_over_bins_keeps_the_offset_as_its_continuous_site():
     guide = PoseSearchGuide(model, "mlp", hidden_dim=8)
     guide_trace = poutine.trace(guide).get_trace(torch.rand(2, 1, 12, 12))
     sampled = [
-        name for name, site in guide_trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
     ]
     assert guide.mode == "marginal" and sampled == ["images", "z", "theta_offset", "dx"]
     # the encoder's own bin logits ride along as an observed auxiliary site (log-density 0)
@@ -157,8 +159,8 @@ def test_a_model_that_sums_over_bins_keeps_the_offset_as_its_continuous_site():
 
 def test_summing_over_bins_in_the_model_matches_a_hand_computation():
     """TraceEnum_ELBO and evaluate() both give log sum_k p(k) p(x | z, centre_k + offset, dx) + log p(z,
-    offset, dx) - log q(z, offset, dx) for the same guide draw."""
-    model = binned_model(4, enumerate_bins=True)
+    offset, dx) - log q(z, offset, dx) for the same guide draw (the exact path: every bin rendered)."""
+    model = binned_model(4, enumerate_bins=True, bin_render="exact")
     guide = PoseSearchGuide(model, "mlp", hidden_dim=8)
     images = torch.rand(5, 1, 12, 12)
     pyro.set_rng_seed(3)
@@ -191,7 +193,7 @@ def test_marginal_guide_poses_images_with_the_decoders_best_bin():
     """Images the model renders at bin 1 (z, offset and shift 0): with the guide's means at those values,
     the bin the posterior summary picks is the one they were rendered at."""
     torch.manual_seed(0)
-    model = binned_model(4, enumerate_bins=True, translate=False)
+    model = binned_model(4, enumerate_bins=True, translate=False, bin_render="exact")
     guide = PoseSearchGuide(model, "mlp", hidden_dim=8)
     with torch.no_grad():
         for head in (guide.z_head, guide.offset_head):
@@ -314,3 +316,86 @@ def test_grid_search_follows_the_prior_where_the_images_say_nothing():
         model.decoder.tail[-1].weight.zero_()  # every rendering the same: a flat likelihood in theta
     found = grid_search_theta(model, torch.rand(3, 1, 16, 16), {"z": torch.randn(3, 2)}, angles=36)
     assert torch.allclose(found, torch.full((3,), 6 * 2 * math.pi / 36))  # the grid angle nearest 1.0
+
+
+def shared_weights(**kwargs):
+    """An exact and a lattice model (``kwargs["bin_render"]``) with the same decoder."""
+    torch.manual_seed(0)
+    render = kwargs.pop("bin_render")
+    exact = binned_model(kwargs.pop("bins"), enumerate_bins=True, bin_render="exact", **kwargs)
+    lattice = binned_model(exact.rotation_bins, enumerate_bins=True, bin_render=render, **kwargs)
+    lattice.load_state_dict(exact.state_dict())
+    return exact, lattice
+
+
+def every_bin(model, z, offset, dx=None):
+    """``(K, B, P, C)``: the exact path, one render per bin."""
+    centres = bin_centres(model.rotation_bins)
+    return torch.stack([model.render(z, c + offset, dx) for c in centres])
+
+
+def test_a_full_lattice_renders_quarter_turns_exactly_and_the_default_one_inside_its_field_of_view():
+    exact, full = shared_weights(bins=4, bin_render="lattice_full", translate=False)
+    z, offset = torch.randn(3, 2), torch.randn(3) * 0.3
+    centres = bin_centres(4).view(4, 1)
+    with torch.no_grad():
+        assert torch.allclose(full.render_binned(z, centres, offset), every_bin(exact, z, offset), atol=1e-5)
+    exact, lattice = shared_weights(bins=16, bin_render="lattice")
+    assert lattice.lattice.num_points < 1.3 * 144 < full.lattice.num_points
+    dx = torch.randn(3, 2) * 0.1
+    with torch.no_grad():
+        read = lattice.render_binned(z, bin_centres(16).view(16, 1), offset, dx)
+        truth = every_bin(exact, z, offset, dx)
+    inside = (pixel_grid(12).norm(dim=-1) < 1.0 - 0.1 * 3).view(1, 1, -1)  # the disk, shifts included
+    error = (read - truth).abs()[inside.expand(16, 3, -1)]
+    assert error.max() < 0.05 * float(truth.std())  # bilinear interpolation of a smooth decoder
+    assert (read - truth).abs().max() > error.max()  # the corners beyond the field of view differ
+
+
+def test_the_lattice_path_gives_the_hand_computed_elbo_and_refuses_models_that_do_not_sum_bins():
+    model = binned_model(8, enumerate_bins=True, translate=False)
+    assert model.config["bin_render"] == "lattice" and model.lattice is not None
+    guide = PoseSearchGuide(model, "mlp", hidden_dim=8, distill_bins=0.0)
+    images = torch.rand(5, 1, 12, 12)
+    pyro.set_rng_seed(3)
+    loss = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, images)
+    pyro.set_rng_seed(3)
+    draw = poutine.trace(guide).get_trace(images)
+    draw.compute_log_prob()
+    z, offset = draw.nodes["z"]["value"], draw.nodes["theta_offset"]["value"]
+    with torch.no_grad():
+        params = model.render_binned(z, bin_centres(8).view(8, 1), offset)
+        per_bin = model.likelihood(params).log_prob(images.reshape(5, -1, 1))  # (K, B)
+        log_px = torch.logsumexp(per_bin - math.log(8), 0)
+        log_prior = dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + dist.Normal(0.0, math.pi / 8).log_prob(offset)
+        log_q = draw.nodes["z"]["log_prob"] + draw.nodes["theta_offset"]["log_prob"]
+    assert -loss == pytest.approx(float((log_px + log_prior - log_q).sum()), rel=1e-5)
+    assert binned_model(4).config["bin_render"] == "exact"
+    with pytest.raises(ValueError, match="enumerate_bins=True"):
+        binned_model(4, bin_render="lattice")
+    with pytest.raises(ValueError, match="bin_render must be one of"):
+        binned_model(4, enumerate_bins=True, bin_render="polar")
+
+
+def test_the_encoders_own_bins_answer_without_the_decoder_when_asked():
+    model = binned_model(4, enumerate_bins=True)
+    guide = PoseSearchGuide(model, "mlp", hidden_dim=8)
+    images = torch.rand(6, 1, 12, 12)
+    with torch.no_grad():
+        guide.bin_head.bias.copy_(torch.tensor([0.0, 9.0, 0.0, 0.0]))  # the encoder says: bin 1
+        guide.bins_from = "encoder"
+        means = guide.posterior_means(images)
+        raw = guide.raw_params(images)
+    assert means["theta_bin"].tolist() == [1] * 6
+    assert torch.allclose(means["theta"], wrap_angle(bin_centres(4)[1] + raw["offset"]))
+    assert torch.allclose(
+        guide.distributions(images)["theta_bin"].probs, torch.softmax(raw["bin_logits"], -1)
+    )
+    guide.bins_from = "oracle"
+    with pytest.raises(ValueError, match="bins_from must be 'search' or 'encoder'"):
+        guide.posterior_means(images)
+    assert type(guide.default_loss()).__name__ == "DistilledSearchELBO"
+    plain = PoseSearchGuide(model, "mlp", hidden_dim=8, distill_bins=0.0).default_loss()
+    assert type(plain) is pyro.infer.TraceEnum_ELBO
+    with pytest.raises(ValueError, match="distill_bins must be >= 0"):
+        PoseSearchGuide(model, "mlp", distill_bins=-1.0)

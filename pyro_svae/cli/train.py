@@ -34,6 +34,7 @@ from ..data import posterior_pose_note
 from ..decoders import ACTIVATIONS
 from ..guides import AmortizedGuide
 from ..infer import DivergenceError, History, fit
+from ..lattice import BIN_RENDERS
 from ..likelihoods import LIKELIHOODS
 from ..model import SpatialVAE
 from ..pose_search import PoseSearchGuide
@@ -85,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
 PARTICLE_DEFAULTS: dict[str, Any] = {
     "likelihood": "gaussian",
     "theta_prior": math.pi,
+    "pose_search": 16,
     "pose_search_mode": "marginal",
 }
 
@@ -430,11 +432,31 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         ("--pose-search",),
         _MODEL,
-        "search rotations over K bins: a discrete rotation site, enumerated exactly, with a "
-        "rotation-equivariant encoder (for uniformly rotated data)",
-        type=positive_int,
+        "search rotations over K bins: a discrete rotation site, enumerated exactly (for uniformly "
+        "rotated data; particles search 16 bins unless given 0, which turns the search off)",
+        type=non_negative_int,
         metavar="K",
         target="model.rotation_bins",
+        convert=lambda bins: bins or None,
+    ),
+    Option(
+        ("--pose-search-render",),
+        _MODEL,
+        "with --pose-search in marginal mode, how the model renders its bins: 'lattice' (default: each "
+        "image rendered once and every bin read from it, about one decoder pass at any K; a round field "
+        "of view), 'lattice_full' (the lattice over every turn of the square, about 2.4 passes) or "
+        "'exact' (the decoder at every bin, K passes)",
+        choices=BIN_RENDERS,
+        target="model.bin_render",
+    ),
+    Option(
+        ("--pose-search-encoder",),
+        _MODEL,
+        "with --pose-search, the guide's encoder: 'equivariant' (a CNN over K turned copies of each "
+        "image; default) or 'mlp' (the paper's network, K times cheaper; in marginal mode its bin "
+        "logits are fitted to the search's)",
+        choices=("equivariant", "mlp"),
+        target="guide.encoder",
     ),
     Option(
         ("--pose-search-mode",),
@@ -630,10 +652,22 @@ def _check_contradictions(args: argparse.Namespace) -> None:
     for key in ("augment_rotation", "canonicalize"):  # the guide's config does not know the model's pose
         if getattr(args, key) is not None and pose_off:
             raise UsageError(f"{pose_off} turns rotation off, so {_flag(key)} cannot apply")
-    if args.pose_search_mode is not None and args.pose_search is None:
-        raise UsageError("--pose-search-mode chooses how --pose-search sums its bins: add --pose-search K")
-    if args.pose_search is not None and args.pose_search < 2:
-        raise UsageError(f"--pose-search needs at least 2 rotation bins, got {args.pose_search}")
+    if args.pose_search == 1:
+        raise UsageError("--pose-search needs at least 2 rotation bins (or 0: no search), got 1")
+
+
+def _check_search_options(args: argparse.Namespace, searching: bool) -> None:
+    """Options of the rotation search need one (``searching``: the run has rotation bins, given or by
+    the particles' default); the amortized guide's options need none."""
+    for key in ("pose_search_mode", "pose_search_render", "pose_search_encoder"):
+        if getattr(args, key) is not None and not searching:
+            raise UsageError(f"{_flag(key)} is about the rotation search: add --pose-search K")
+    for key in ("augment_rotation", "canonicalize"):
+        if getattr(args, key) is not None and searching and args.pose_search is None:
+            raise UsageError(
+                f"particles search rotations by default (--pose-search {PARTICLE_DEFAULTS['pose_search']}), "
+                f"which {_flag(key)} does not apply to: add --pose-search 0 to train the amortized guide"
+            )
 
 
 def _target_fields(
@@ -672,9 +706,11 @@ def _configs(
     fields = _target_fields(args, defaults)
     model, guide, training = fields["model"], fields["guide"], fields["training"]
     mode = guide.pop("mode")
+    _check_search_options(args, model.get("rotation_bins") is not None)
     if model.get("rotation_bins") is not None:
         model["enumerate_bins"] = mode == "marginal"
-        guide.update(kind="pose_search", encoder="equivariant", mode=mode)
+        guide.update(kind="pose_search", mode=mode)
+        guide.setdefault("encoder", "equivariant")
     training["precision"] = resolve_precision(_value(args, "precision"), device)
     try:
         model_config = ModelConfig(image_shape=image_shape, ctf=ctf, **model)
@@ -688,7 +724,12 @@ def _configs(
 
 def _in_flags(message: str, *, ctf: bool) -> str:
     """A config's message with its field names as the flags that set them (``ctf``: the data's CTF)."""
-    names: dict[str, str] = {"vanilla=True": "--vanilla", "ctf=True": "the CTF", "ctf": "the CTF"}
+    names: dict[str, str] = {
+        "vanilla=True": "--vanilla",
+        "ctf=True": "the CTF",
+        "ctf": "the CTF",
+        "enumerate_bins=True": "--pose-search-mode marginal",
+    }
     for option in OPTIONS:
         for target in option.targets:
             section, field = target.split(".")
