@@ -38,6 +38,7 @@ import json
 import math
 import time
 
+import pose_search  # benchmarks/pose_search.py: the cost table
 import pyro
 import torch
 
@@ -95,7 +96,10 @@ def build(kind: str, ctf: bool, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
         theta_prior=uniform,
         **common,
     )
-    return model, PoseSearchGuide(model, encoder, mode=mode, channels=args.channels, **nets)
+    guide = PoseSearchGuide(
+        model, encoder, mode=mode, channels=args.channels, copy_size=args.copy_size, **nets
+    )
+    return model, guide
 
 
 def is_pose_search(kind: str) -> bool:
@@ -288,6 +292,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--bins", type=int, default=8)
     parser.add_argument("--channels", type=int, default=16, help="channels of the equivariant CNN")
+    parser.add_argument(
+        "--copy-size", type=int, default=None, help="the equivariant CNN's copies at most this many pixels"
+    )
     parser.add_argument("--precision", default="bf16", choices=ps.infer.PRECISIONS)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -297,9 +304,16 @@ def main() -> None:
     parser.add_argument("--ctf-batch", type=int, default=100)
     parser.add_argument("--ctf-repeats", type=int, default=20)
     parser.add_argument("--out", default=None, help="JSON file for the rows and per-epoch curves")
+    pose_search.add_timing_args(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.timing:  # the search's cost against K and box (batch 25, as the tables above)
+        rows = pose_search.timing_table(argparse.Namespace(**{**vars(args), "batch_size": 25}))
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump({"args": vars(args), "timing": rows}, handle, indent=1)
+        return
 
     result: dict = {"args": vars(args), "rows": []}
     if args.ctf_cost or args.ctf_only:

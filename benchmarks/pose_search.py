@@ -119,7 +119,13 @@ def build(kind: str, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
         **common,
     )
     guide = PoseSearchGuide(
-        model, encoder, mode=mode, hidden_dim=args.hidden, num_layers=args.layers, channels=args.channels
+        model,
+        encoder,
+        mode=mode,
+        hidden_dim=args.hidden,
+        num_layers=args.layers,
+        channels=args.channels,
+        copy_size=args.copy_size,
     )
     return model, guide
 
@@ -230,7 +236,7 @@ def _timed_pair(kind: str, box: int, bins: int, args) -> tuple[ps.SpatialVAE, to
         theta_prior=dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi)),
         **common,
     )
-    return model, PoseSearchGuide(model, encoder, channels=args.channels, **nets)
+    return model, PoseSearchGuide(model, encoder, channels=args.channels, copy_size=args.copy_size, **nets)
 
 
 def time_per_epoch(kind: str, box: int, bins: int, args) -> float:
@@ -252,6 +258,89 @@ def time_per_epoch(kind: str, box: int, bins: int, args) -> float:
             svi.step(data.images, data_size=1000, **inputs)
             times.append(time.perf_counter() - started)
     return statistics.median(times[1:]) * 1000 / len(data)
+
+
+def exactness(args) -> dict:
+    """How far the lattice's search is from the exact one: trains ``lattice-<encoder>`` on hinge
+    particles (32x32, SNR 0.1, CTF, ``--exactness-train`` particles, ``--exactness-epochs`` epochs,
+    K = ``--bins``), then scores the test particles with the trained decoder read through its lattice
+    and rendered exactly at every bin (the same weights): agreement of the most probable bin, total
+    variation between the two bin posteriors, theta recovery and the test ELBO of each, and the
+    seconds each search takes over the test set."""
+    simulated = ps.data.simulate_particles(args.exactness_train + 500, box=32, snr=0.1, ctf=True, seed=0)
+    data = ps.data.preprocess_particles(simulated)
+    train, test = (
+        data.subset(range(args.exactness_train)),
+        data.subset(range(args.exactness_train, len(data))),
+    )
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model, guide = _timed_pair(f"lattice-{args.exactness_encoder}", 32, args.bins, args)
+    ps.fit(
+        model,
+        guide,
+        train,
+        epochs=args.exactness_epochs,
+        batch_size=args.batch_size,
+        learning_rate=1e-3,
+        precision=args.precision,
+        seed=0,
+        progress=False,
+    )
+    exact = ps.SpatialVAE.from_config({**model.config, "theta_prior": None, "bin_render": "exact"})
+    exact.theta_prior = model.theta_prior
+    exact.load_state_dict(model.state_dict())
+    found = {}
+    for name, searcher in (("lattice", model), ("exact", exact)):
+        object.__setattr__(guide, "search_model", searcher)
+        started = time.perf_counter()
+        means = ps.posterior_means(guide, test, precision=args.precision)
+        seconds = time.perf_counter() - started
+        inputs = ps.infer.model_inputs(searcher, test, torch.arange(len(test)), torch.device("cpu"))
+        with torch.no_grad(), ps.infer.precision_context(args.precision, torch.device("cpu")):
+            probs = guide.bin_posterior(test.images, **inputs)
+        report = ps.evaluate(searcher, guide, test, num_particles=1, seed=0)
+        found[name] = {"probs": probs, "means": means, "seconds": seconds, "elbo": report["elbo"]}
+    object.__setattr__(guide, "search_model", model)
+    lattice, exact_found = found["lattice"], found["exact"]
+    row = {
+        "bin_agreement": float(
+            (lattice["probs"].argmax(-1) == exact_found["probs"].argmax(-1)).float().mean()
+        ),
+        "total_variation": float(0.5 * (lattice["probs"] - exact_found["probs"]).abs().sum(-1).mean()),
+    }
+    for name, values in found.items():
+        row[f"{name}_theta_fisher_lee"] = M.circular_correlation(
+            values["means"]["theta"], test.theta, method="fisher-lee"
+        )
+        row[f"{name}_theta_circ_corr"] = M.circular_correlation(values["means"]["theta"], test.theta)
+        row[f"{name}_test_elbo"] = values["elbo"]
+        row[f"{name}_search_seconds"] = values["seconds"]
+    print(
+        f"\nlattice against exact search, {args.exactness_encoder} encoder, K = {args.bins}, "
+        f"{args.exactness_train} particles x {args.exactness_epochs} epochs, 500 test particles:"
+    )
+    print("| search | most probable bin agrees | bin posterior TV | θ corr. (F-L / J-S) | test ELBO | s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in ("lattice", "exact"):
+        agree = f"{row['bin_agreement']:.3f}" if name == "lattice" else "-"
+        tv = f"{row['total_variation']:.3f}" if name == "lattice" else "-"
+        print(
+            f"| {name} | {agree} | {tv} | {row[name + '_theta_fisher_lee']:.3f} / "
+            f"{row[name + '_theta_circ_corr']:.3f} | {row[name + '_test_elbo']:.1f} | "
+            f"{row[name + '_search_seconds']:.1f} |",
+            flush=True,
+        )
+    return row
+
+
+def add_timing_args(parser: argparse.ArgumentParser) -> None:
+    """The cost table's options (this script's and benchmarks/cryoem.py's ``--timing``)."""
+    parser.add_argument("--timing", action="store_true", help="only the cost table (time vs K and box)")
+    parser.add_argument("--timing-boxes", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--timing-bins", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--timing-guides", nargs="+", default=list(TIMED[1:]), choices=TIMED[1:])
+    parser.add_argument("--timing-steps", type=int, default=3, help="timed steps per cell (after a warm-up)")
 
 
 def timing_table(args) -> list[dict]:
@@ -284,6 +373,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument(
+        "--copy-size", type=int, default=None, help="the equivariant CNN's copies at most this many pixels"
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=25, help="small batches: more steps per epoch")
     parser.add_argument("--train-size", type=int, default=2000)
@@ -296,14 +388,19 @@ def main() -> None:
         "--grid-angles", type=int, default=72, help="angles of the decoder's grid search (grid_search_theta)"
     )
     parser.add_argument("--out", default=None, help="JSON file for the rows and per-epoch curves")
-    parser.add_argument("--timing", action="store_true", help="only the cost table (time vs K and box)")
-    parser.add_argument("--timing-boxes", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--timing-bins", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--timing-guides", nargs="+", default=list(TIMED[1:]), choices=TIMED[1:])
-    parser.add_argument("--timing-steps", type=int, default=3, help="timed steps per cell (after a warm-up)")
+    add_timing_args(parser)
+    parser.add_argument("--exactness", action="store_true", help="only the lattice against the exact search")
+    parser.add_argument("--exactness-encoder", default="equivariant", choices=("equivariant", "mlp"))
+    parser.add_argument("--exactness-train", type=int, default=2000)
+    parser.add_argument("--exactness-epochs", type=int, default=3)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.exactness:
+        row = exactness(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "exactness": row}, indent=1))
+        return
     if args.timing:
         rows = timing_table(args)
         if args.out:

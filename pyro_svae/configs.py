@@ -344,8 +344,9 @@ class GuideConfig:
     ``encoder``: a network the guide builds itself by short name (``"mlp"`` of ``hidden_dim`` x
     ``num_layers``; for pose search also ``"equivariant"`` of ``channels``), or an encoder registry spec
     ``{"name": "cnn", "kwargs": {...}}``. ``families`` (amortized) maps sites to family names;
-    ``augment_rotation`` and ``canonicalize`` are amortized options, ``mode`` and ``channels`` pose-search
-    ones (``mode=None``: the one that fits the model)."""
+    ``augment_rotation`` and ``canonicalize`` are amortized options, ``mode``, ``channels`` and
+    ``copy_size`` (the equivariant encoder's copies at most this many pixels on a side) pose-search ones
+    (``mode=None``: the one that fits the model)."""
 
     kind: str = "amortized"
     encoder: str | dict[str, Any] | None = None
@@ -357,6 +358,7 @@ class GuideConfig:
     canonicalize: str | None = None
     mode: str | None = None
     channels: int = 32
+    copy_size: int | None = None
 
     _KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
         "amortized": (
@@ -368,7 +370,7 @@ class GuideConfig:
             "augment_rotation",
             "canonicalize",
         ),
-        "pose_search": ("encoder", "mode", "hidden_dim", "num_layers", "activation", "channels"),
+        "pose_search": ("encoder", "mode", "hidden_dim", "num_layers", "activation", "channels", "copy_size"),
     }
 
     def __post_init__(self) -> None:
@@ -394,6 +396,7 @@ class GuideConfig:
         _int(self.hidden_dim, "hidden_dim")
         _int(self.num_layers, "num_layers")
         _int(self.channels, "channels")
+        _int(self.copy_size, "copy_size", minimum=4, optional=True)
         _choice(self.activation, "activation", ACTIVATIONS)
         _bool(self.augment_rotation, "augment_rotation")
         _choice(self.canonicalize, "canonicalize", CANONICALIZATIONS)
@@ -444,7 +447,13 @@ class GuideConfig:
             from .pose_search import PoseSearchGuide
 
             return PoseSearchGuide(
-                model, encoder, mode=self.mode, channels=self.channels, name=name, **common
+                model,
+                encoder,
+                mode=self.mode,
+                channels=self.channels,
+                copy_size=self.copy_size,
+                name=name,
+                **common,
             )
         from .guides import AmortizedGuide
 
@@ -475,7 +484,7 @@ def _encoder_spec(encoder, config: Mapping[str, Any]) -> str | dict[str, Any]:
     registry.encoder_names()  # the built-in encoders registered
     spec = registry.spec_of(encoder)
     built_by_name = {
-        "equivariant": {"channels": config.get("channels")},
+        "equivariant": {"channels": config.get("channels"), "copy_size": config.get("copy_size")},
         "mlp": {k: config.get(k) for k in ("hidden_dim", "num_layers", "activation")},
     }
     if spec is None:

@@ -25,6 +25,7 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 from pyro.nn.module import to_pyro_module_
@@ -66,6 +67,10 @@ class RotationEquivariantEncoder(nn.Module):
     angle offset), ``features`` ``(B, 2 F)`` (rotation-invariant content features: attention- and
     max-pooled over copies) and ``position`` ``(B, 2)`` (soft-argmax of a heat map over the image, in grid
     units).
+
+    ``copy_size``: the K copies are made at most this many pixels on a side (the image resampled with
+    antialiasing first): the CNN over K copies costs K times one CNN, most of a search's step at 32 x 32
+    and beyond, and the decoder's search refines the pose anyway. ``None``: the image's own size.
     """
 
     def __init__(
@@ -75,13 +80,23 @@ class RotationEquivariantEncoder(nn.Module):
         *,
         channels: int = 32,
         num_conv: int = 3,
+        copy_size: int | None = None,
     ) -> None:
         super().__init__()
         if bins < 2 or channels < 1 or num_conv < 1:
             raise ValueError(
                 f"bins >= 2, channels >= 1, num_conv >= 1 needed, got {bins}, {channels}, {num_conv}"
             )
+        if copy_size is not None and (
+            isinstance(copy_size, bool) or not isinstance(copy_size, int) or copy_size < 4
+        ):
+            raise ValueError(f"copy_size must be an integer >= 4 (pixels) or None, got {copy_size!r}")
         in_channels, height, width = image_shape
+        self.copy_shape = None
+        if copy_size is not None and max(height, width) > copy_size:
+            shrink = copy_size / max(height, width)
+            height, width = max(round(height * shrink), 1), max(round(width * shrink), 1)
+            self.copy_shape = (height, width)
         layers: list[nn.Module] = []
         for i in range(num_conv):
             kernel = 5 if i == 0 else 3
@@ -107,7 +122,10 @@ class RotationEquivariantEncoder(nn.Module):
         self.register_buffer("grid", pixel_grid(map_height, map_width), persistent=False)
 
     def rotated_copies(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, K, C, H, W)``: copy ``k`` is the image turned by ``-centre_k`` (copy 0 is the image)."""
+        """``(B, K, C, H, W)``: copy ``k`` is the image turned by ``-centre_k`` (copy 0 is the image), at
+        most ``copy_size`` pixels on a side."""
+        if self.copy_shape is not None:
+            images = F.interpolate(images, size=self.copy_shape, mode="bilinear", antialias=True)
         batch = images.shape[0]
         repeated = images.repeat_interleave(self.bins, dim=0)
         angles = (-self.centres).repeat(batch).to(images.dtype)
@@ -142,6 +160,7 @@ class PoseSearchGuide(EncoderGuide):
         num_layers: int = 2,
         activation: str = "tanh",
         channels: int = 32,
+        copy_size: int | None = None,
         distill_bins: float = 1.0,
         bins_from: str = "search",
         name: str | None = None,
@@ -173,7 +192,9 @@ class PoseSearchGuide(EncoderGuide):
                 self.image_shape, hidden_dim=hidden_dim, num_layers=num_layers, activation=activation
             )
         elif encoder == "equivariant":
-            encoder = RotationEquivariantEncoder(self.image_shape, bins, channels=channels)
+            encoder = RotationEquivariantEncoder(
+                self.image_shape, bins, channels=channels, copy_size=copy_size
+            )
         self.encoder = encoder
         self.config = {
             "encoder": type(encoder).__name__,
@@ -182,6 +203,7 @@ class PoseSearchGuide(EncoderGuide):
             "num_layers": num_layers,
             "activation": activation,
             "channels": channels,
+            "copy_size": copy_size,
         }
         features = encoder.out_features
         self.structured = hasattr(encoder, "bin_feature_dim")

@@ -186,7 +186,8 @@ def test_an_equivariant_encoder_of_other_size_is_recorded_by_spec():
     own = registry.build_encoder({"name": "equivariant", "kwargs": {"channels": 4, "num_conv": 2}},
                                  image_shape=(1, 12, 12), bins=4)  # fmt: skip
     cfg = GuideConfig.from_guide(PoseSearchGuide(model, own))
-    assert cfg.encoder == {"name": "equivariant", "kwargs": {"channels": 4, "num_conv": 2}}
+    # the spec records every keyword, defaults filled in (copy_size: the copies' size, None = the image's)
+    assert cfg.encoder == {"name": "equivariant", "kwargs": {"channels": 4, "num_conv": 2, "copy_size": None}}
     assert len(cfg.build(model).encoder.cnn) == 4  # two convolutions and their activations
 
 

@@ -7,6 +7,7 @@ import torch
 from pyro import poutine
 
 from pyro_svae import AmortizedGuide, SpatialVAE, evaluate, fit, posterior_means
+from pyro_svae.configs import GuideConfig
 from pyro_svae.coords import bin_centres, pixel_grid, transform_images, wrap_angle
 from pyro_svae.data import ImageDataset, preprocess_particles, simulate_particles
 from pyro_svae.pose_search import PoseSearchGuide, RotationEquivariantEncoder, grid_search_theta, search_theta
@@ -67,6 +68,29 @@ def test_equivariance_holds_within_interpolation_error_for_eighth_turns():
     residual = float((turned_logits - logits.roll(1, -1)).norm())
     change = float((turned_logits - logits).norm())
     assert residual < 0.2 * change
+
+
+def test_smaller_copies_keep_quarter_turn_equivariance_and_are_recorded_by_the_config():
+    encoder = RotationEquivariantEncoder((1, 32, 32), 4, channels=8, copy_size=16)
+    assert encoder.copy_shape == (16, 16) and encoder.rotated_copies(torch.rand(2, 1, 32, 32)).shape[-2:] == (
+        16,
+        16,
+    )
+    images = smooth_images(3, size=32)
+    turned = transform_images(images, torch.full((3,), math.pi / 2))
+    with torch.no_grad():
+        logits, turned_logits = encoder(images)["bin_logits"], encoder(turned)["bin_logits"]
+    assert torch.allclose(turned_logits, logits.roll(1, -1), atol=1e-4)
+    assert RotationEquivariantEncoder((1, 12, 12), 4, copy_size=16).copy_shape is None  # already small
+    with pytest.raises(ValueError, match="copy_size must be an integer >= 4"):
+        RotationEquivariantEncoder((1, 12, 12), 4, copy_size=2)
+    model = binned_model(4, enumerate_bins=True)
+    guide = PoseSearchGuide(model, "equivariant", hidden_dim=8, channels=4, copy_size=8)
+    config = GuideConfig.from_guide(guide)
+    assert config.copy_size == 8 and config.encoder == "equivariant"
+    rebuilt = config.build(model)
+    assert rebuilt.encoder.copy_shape == (8, 8)
+    assert GuideConfig.from_dict({"kind": "pose_search", "channels": 4}).copy_size is None  # older runs
 
 
 @pytest.mark.parametrize("encoder", ["equivariant", "mlp"])

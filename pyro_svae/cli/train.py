@@ -88,6 +88,8 @@ PARTICLE_DEFAULTS: dict[str, Any] = {
     "theta_prior": math.pi,
     "pose_search": 16,
     "pose_search_mode": "marginal",
+    "pose_search_channels": 16,
+    "pose_search_copy_size": 16,
 }
 
 # Options a resumed run may change; every other setting comes from the run's config.json.
@@ -459,6 +461,24 @@ OPTIONS: tuple[Option, ...] = (
         target="guide.encoder",
     ),
     Option(
+        ("--pose-search-channels",),
+        _MODEL,
+        "with --pose-search, the equivariant encoder's CNN channels (default: 32; 16 for particles)",
+        type=positive_int,
+        metavar="C",
+        target="guide.channels",
+    ),
+    Option(
+        ("--pose-search-copy-size",),
+        _MODEL,
+        "with --pose-search, the equivariant encoder turns copies of each image resampled to at most N "
+        "pixels on a side: its K copies are most of a search's cost (default: the image's size; 16 for "
+        "particles)",
+        type=positive_int,
+        metavar="N",
+        target="guide.copy_size",
+    ),
+    Option(
         ("--pose-search-mode",),
         _MODEL,
         "with --pose-search: 'enumerate' (the encoder scores the bins, TraceEnum_ELBO sums over them; "
@@ -659,7 +679,13 @@ def _check_contradictions(args: argparse.Namespace) -> None:
 def _check_search_options(args: argparse.Namespace, searching: bool) -> None:
     """Options of the rotation search need one (``searching``: the run has rotation bins, given or by
     the particles' default); the amortized guide's options need none."""
-    for key in ("pose_search_mode", "pose_search_render", "pose_search_encoder"):
+    for key in (
+        "pose_search_mode",
+        "pose_search_render",
+        "pose_search_encoder",
+        "pose_search_channels",
+        "pose_search_copy_size",
+    ):
         if getattr(args, key) is not None and not searching:
             raise UsageError(f"{_flag(key)} is about the rotation search: add --pose-search K")
     for key in ("augment_rotation", "canonicalize"):
