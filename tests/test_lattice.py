@@ -76,3 +76,13 @@ def test_coordinates_outside_the_disk_read_its_edge_and_bad_shapes_are_refused()
     assert resolve_bin_render(None, True) == "lattice" and resolve_bin_render(None, False) == "exact"
     assert resolve_bin_render("exact", True) == "exact"
     assert math.isclose(FULL_RADIUS, math.sqrt(2) + 0.3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_lattice_reads_on_the_device_of_its_values():
+    lattice = RenderLattice(12, 12)
+    values = smooth(lattice.points)
+    coords = pose_coordinates(pixel_grid(12), bin_centres(8).view(8, 1), torch.zeros(2, 2))
+    on_gpu = lattice.to("cuda").sample(values.cuda(), coords.cuda())
+    assert on_gpu.device.type == "cuda"
+    assert torch.allclose(on_gpu.cpu(), RenderLattice(12, 12).sample(values, coords), atol=1e-5)

@@ -688,11 +688,11 @@ def _check_search_options(args: argparse.Namespace, searching: bool) -> None:
     ):
         if getattr(args, key) is not None and not searching:
             raise UsageError(f"{_flag(key)} is about the rotation search: add --pose-search K")
-    for key in ("augment_rotation", "canonicalize"):
+    for key in ("augment_rotation", "canonicalize", "pixel_subsample"):
         if getattr(args, key) is not None and searching and args.pose_search is None:
             raise UsageError(
                 f"particles search rotations by default (--pose-search {PARTICLE_DEFAULTS['pose_search']}), "
-                f"which {_flag(key)} does not apply to: add --pose-search 0 to train the amortized guide"
+                f"which {_flag(key)} does not go with: add --pose-search 0 to train the amortized guide"
             )
 
 
