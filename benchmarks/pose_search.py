@@ -13,11 +13,18 @@ peak memory of one training step.
 Guides: ``mlp`` (the paper's), ``mlp-moments`` (the same reading each digit turned to its light's long
 axis: ``canonicalize="moments"``), ``enum-mlp`` / ``enum-equivariant`` (the encoder scores K rotation bins and
 ``TraceEnum_ELBO`` sums over them), ``marginal-equivariant`` (the model sums the bins out,
-``SpatialVAE(enumerate_bins=True)``: the decoder's likelihood at every bin picks the pose) and
-``sample-equivariant`` (the bin sampled, score-function gradients).
+``SpatialVAE(enumerate_bins=True)``: the decoder's likelihood at every bin picks the pose, rendering every
+bin), ``lattice-equivariant`` / ``lattice-mlp`` (the same search through the model's render lattice,
+``bin_render="lattice"``: one decoder pass per image at any K; their encoders learn the search's bins,
+and a last table scores them alone, ``bins_from="encoder"``) and ``sample-equivariant`` (the bin sampled,
+score-function gradients).
 
     python benchmarks/pose_search.py --threads 1 --precision bf16 --out /tmp/pose_search.json  # closing note
     python benchmarks/pose_search.py --epochs 1 --train-size 200 --guides mlp enum-equivariant  # smoke
+    # the cost of a search against K and box (hinge particles with a CTF; also benchmarks/cryoem.py --timing)
+    python benchmarks/pose_search.py --timing --threads 1 --precision bf16 --copy-size 16
+    # the lattice's search against the exact one, same trained weights (docs/pose_search.md)
+    python benchmarks/pose_search.py --exactness --bins 16 --threads 1 --precision bf16
 
 Measured (one thread, bf16, the defaults: 2,000 / 1,000 digits, 12 epochs, K = 8, batch 25, seed 0), as
 theta circular correlation / within 15 degrees / test ELBO / clustering accuracy: ``mlp`` 0.088 / 0.090 /
@@ -220,7 +227,8 @@ def amortized_figures(guide, test, upright) -> dict[str, float]:
 
 
 def _timed_pair(kind: str, box: int, bins: int, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
-    """``kind``'s model and guide for hinge particles of ``box`` pixels with a CTF (as cryoem.py's)."""
+    """``kind``'s model and guide for hinge particles of ``box`` pixels with a CTF (as cryoem.py's);
+    ``--copy-size`` applies to the lattice searches."""
     nets = dict(hidden_dim=args.hidden, num_layers=args.layers)
     common = dict(likelihood="gaussian", ctf=True, **nets)
     if kind == "mlp":
@@ -236,7 +244,9 @@ def _timed_pair(kind: str, box: int, bins: int, args) -> tuple[ps.SpatialVAE, to
         theta_prior=dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi)),
         **common,
     )
-    return model, PoseSearchGuide(model, encoder, channels=args.channels, copy_size=args.copy_size, **nets)
+    # today's search keeps its full-size copies; --copy-size is the new search's
+    copy_size = args.copy_size if prefix == "lattice" else None
+    return model, PoseSearchGuide(model, encoder, channels=args.channels, copy_size=copy_size, **nets)
 
 
 def time_per_epoch(kind: str, box: int, bins: int, args) -> float:

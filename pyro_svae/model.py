@@ -407,16 +407,16 @@ class SpatialVAE(PyroModule):
         batch, obs = self._observations(images, num_images, ctf)
         with images_plate(batch, data_size, self.grid.device):
             z = pyro.sample("z", self.z_prior())
-            if self.lattice is not None:  # theta = bin centre + offset, split to pose one render
-                theta = self.theta_bins.sample_parts(self.theta_prior())
+            if self.lattice is not None:  # theta = bin centre + offset: one render, turned to every bin
+                centre, offset = self.theta_bins.sample_parts(self.theta_prior())
             else:
                 theta = self._sample_theta() if self.rotate else None
             dx = pyro.sample("dx", self.dx_prior()) if self.translate else None
             scale = pyro.sample("scale", self.scale_prior()) if self.scale else None
-            if self.pixel_subsample is not None and self.training and obs is not None:
-                return self._observe_pixel_subsample(obs, z, theta, dx, scale)
             if self.lattice is not None:
-                params = self.render_binned(z, *theta, dx, scale)
+                params = self.render_binned(z, centre, offset, dx, scale)
+            elif self.pixel_subsample is not None and self.training and obs is not None:
+                return self._observe_pixel_subsample(obs, z, theta, dx, scale)
             else:
                 params = self.render(z, theta, dx, scale)
             params = self.filter_mean(params, ctf=ctf if self.ctf else None)

@@ -9,7 +9,9 @@ For a :class:`~pyro_svae.model.SpatialVAE` built with ``rotation_bins=K``:
   score-function gradients for it. With ``mode="marginal"`` (the default for a model built with
   ``enumerate_bins=True``) the guide has no bin at all: it gives ``theta_offset ~ N(offset(x), scale(x))``
   and the model sums over the bins itself, so the pose is found by the decoder's likelihood at every bin
-  rather than predicted by the encoder. ``guide.default_loss()`` returns the matching ELBO.
+  rather than predicted by the encoder (with the model's ``bin_render="lattice"``, the default there, one
+  decoder pass serves every bin: :mod:`pyro_svae.lattice`); the encoder learns to read the bins the search
+  finds (``DistilledSearchELBO``). ``guide.default_loss()`` returns the matching ELBO.
 * :func:`grid_search_theta` poses each image where the model's own posterior is highest on a fine grid
   of angles, with its other latents held at given values (a guide's posterior means): the decoder's
   answer to "which turn of my template is this?", for any guide.
@@ -147,7 +149,14 @@ class PoseSearchGuide(EncoderGuide):
     """Amortized guide with a categorical posterior over rotation bins (see the module docstring).
 
     ``encoder``: ``"mlp"`` (the paper's network; bin logits from a linear head) or ``"equivariant"``
-    (:class:`RotationEquivariantEncoder`), or a module with either interface.
+    (:class:`RotationEquivariantEncoder` of ``channels``, its copies at most ``copy_size`` pixels), or a
+    module with either interface.
+
+    In marginal mode the encoder still gives bin logits, its own guess at the search's bins: its default
+    loss (:class:`~pyro_svae.objectives.DistilledSearchELBO`, weight ``distill_bins``; 0 for the plain
+    ``TraceEnum_ELBO``) fits them to the model's bin posterior in every step. ``bins_from`` (an attribute,
+    ``"search"`` or ``"encoder"``) says whose bins :meth:`posterior_means` and :meth:`distributions` use:
+    the decoder's likelihood at every bin, or the encoder's logits alone (no decoder pass: amortized).
     """
 
     def __init__(
