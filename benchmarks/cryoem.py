@@ -15,9 +15,12 @@ Models with a CTF apply each particle's CTF to the decoded image (``ctf=True``),
 Guides: ``vanilla`` (the vanilla VAE, the paper's MLP guide), ``mlp`` (the paper's spatial-VAE guide,
 theta ~ N(0, pi)), ``mlp-augment`` (the same with rotation augmentation), ``enum-equivariant`` /
 ``sample-equivariant`` / ``enum-mlp`` (:class:`pyro_svae.pose_search.PoseSearchGuide` on a model with
-``rotation_bins`` and a uniform theta prior; enumeration runs the decoder once per bin), and
+``rotation_bins`` and a uniform theta prior; enumeration runs the decoder once per bin),
 ``marginal-equivariant`` (the model sums over the bins itself, ``enumerate_bins=True``: the likelihood at
-every bin picks the pose, the guide gives content, the offset within a bin and the shift).
+every bin picks the pose, the guide gives content, the offset within a bin and the shift; every bin
+rendered) and ``lattice-equivariant`` / ``lattice-mlp`` (the same search with each particle rendered once
+and every bin read from the model's render lattice, ``bin_render="lattice"``, the encoder taught the
+search's bins; ``--copy-size 16`` makes the equivariant encoder's copies 16 px, as the particle default).
 
     # the tables of the closing note (one thread, bf16 autocast, 5,000 / 1,000 particles)
     python benchmarks/cryoem.py --threads 1 --lr 1e-3 --batch-size 25 --guides mlp vanilla
@@ -29,6 +32,10 @@ every bin picks the pose, the guide gives content, the offset within a bin and t
     python benchmarks/cryoem.py --train-size 1000 --test-size 200 --epochs 5 --lr 1e-3 --datasets snr1
     # the CTF's share of a training step at 64x64
     python benchmarks/cryoem.py --ctf-cost --threads 1
+    # the new search, as the particle default, and the cost of every search against K and box
+    python benchmarks/cryoem.py --threads 1 --lr 1e-3 --batch-size 25 --epochs 10 --bins 16 \
+        --datasets snr0.1-ctf --guides lattice-equivariant --copy-size 16 --seed 0
+    python benchmarks/cryoem.py --timing --threads 1 --copy-size 16
 """
 
 from __future__ import annotations

@@ -676,9 +676,10 @@ def _check_contradictions(args: argparse.Namespace) -> None:
         raise UsageError("--pose-search needs at least 2 rotation bins (or 0: no search), got 1")
 
 
-def _check_search_options(args: argparse.Namespace, searching: bool) -> None:
+def _check_search_options(args: argparse.Namespace, searching: bool, *, ctf: bool) -> None:
     """Options of the rotation search need one (``searching``: the run has rotation bins, given or by
-    the particles' default); the amortized guide's options need none."""
+    the particles' default); the amortized guide's options need none (pixel subsampling with a CTF is
+    left to the model's rule, which refuses it with or without a search)."""
     for key in (
         "pose_search_mode",
         "pose_search_render",
@@ -688,7 +689,8 @@ def _check_search_options(args: argparse.Namespace, searching: bool) -> None:
     ):
         if getattr(args, key) is not None and not searching:
             raise UsageError(f"{_flag(key)} is about the rotation search: add --pose-search K")
-    for key in ("augment_rotation", "canonicalize", "pixel_subsample"):
+    amortized_only = ("augment_rotation", "canonicalize") + (() if ctf else ("pixel_subsample",))
+    for key in amortized_only:
         if getattr(args, key) is not None and searching and args.pose_search is None:
             raise UsageError(
                 f"particles search rotations by default (--pose-search {PARTICLE_DEFAULTS['pose_search']}), "
@@ -732,7 +734,7 @@ def _configs(
     fields = _target_fields(args, defaults)
     model, guide, training = fields["model"], fields["guide"], fields["training"]
     mode = guide.pop("mode")
-    _check_search_options(args, model.get("rotation_bins") is not None)
+    _check_search_options(args, model.get("rotation_bins") is not None, ctf=ctf)
     if model.get("rotation_bins") is not None:
         model["enumerate_bins"] = mode == "marginal"
         guide.update(kind="pose_search", mode=mode)
