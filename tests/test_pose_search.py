@@ -181,17 +181,23 @@ def test_a_model_that_sums_over_bins_keeps_the_offset_as_its_continuous_site():
     assert logits["is_observed"] and logits["infer"]["is_auxiliary"] and logits["value"].shape == (2, 4)
 
 
+def loss_and_guide_draw(model, guide, images, seed=3):
+    """``TraceEnum_ELBO``'s loss and the guide's trace (log-densities computed) for the same draw."""
+    pyro.set_rng_seed(seed)
+    loss = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, images)
+    pyro.set_rng_seed(seed)
+    draw = poutine.trace(guide).get_trace(images)
+    draw.compute_log_prob()
+    return loss, draw
+
+
 def test_summing_over_bins_in_the_model_matches_a_hand_computation():
     """TraceEnum_ELBO and evaluate() both give log sum_k p(k) p(x | z, centre_k + offset, dx) + log p(z,
     offset, dx) - log q(z, offset, dx) for the same guide draw (the exact path: every bin rendered)."""
     model = binned_model(4, enumerate_bins=True, bin_render="exact")
     guide = PoseSearchGuide(model, "mlp", hidden_dim=8)
     images = torch.rand(5, 1, 12, 12)
-    pyro.set_rng_seed(3)
-    loss = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, images)
-    pyro.set_rng_seed(3)
-    draw = poutine.trace(guide).get_trace(images)
-    draw.compute_log_prob()
+    loss, draw = loss_and_guide_draw(model, guide, images)
     z, offset, dx = (draw.nodes[site]["value"] for site in ("z", "theta_offset", "dx"))
     with torch.no_grad():
         obs = images.reshape(5, -1, 1)
@@ -381,11 +387,7 @@ def test_the_lattice_path_gives_the_hand_computed_elbo_and_refuses_models_that_d
     assert model.config["bin_render"] == "lattice" and model.lattice is not None
     guide = PoseSearchGuide(model, "mlp", hidden_dim=8, distill_bins=0.0)
     images = torch.rand(5, 1, 12, 12)
-    pyro.set_rng_seed(3)
-    loss = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, images)
-    pyro.set_rng_seed(3)
-    draw = poutine.trace(guide).get_trace(images)
-    draw.compute_log_prob()
+    loss, draw = loss_and_guide_draw(model, guide, images)
     z, offset = draw.nodes["z"]["value"], draw.nodes["theta_offset"]["value"]
     with torch.no_grad():
         params = model.render_binned(z, bin_centres(8).view(8, 1), offset)
