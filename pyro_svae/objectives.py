@@ -129,8 +129,13 @@ class DistilledSearchELBO(TraceEnum_ELBO):
         kwargs.setdefault("max_plate_nesting", 1)
         super().__init__(**kwargs)
         self.weight = float(weight)
-        self.last_cross_entropy = math.nan
+        self._last_cross_entropy: torch.Tensor | None = None
         self._terms: list[torch.Tensor] = []
+
+    @property
+    def last_cross_entropy(self) -> float:
+        """The last step's cross-entropy per image of the encoder's bins to the model's (nan before one)."""
+        return math.nan if self._last_cross_entropy is None else float(self._last_cross_entropy)
 
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
@@ -139,22 +144,22 @@ class DistilledSearchELBO(TraceEnum_ELBO):
                 f"DistilledSearchELBO needs a guide that records its bin logits at {BIN_LOGITS_SITE!r} "
                 "(PoseSearchGuide in marginal mode)"
             )
-        logits = guide_trace.nodes[BIN_LOGITS_SITE]["value"]
-        joint, scale = 0.0, 1.0
+        logits_site = guide_trace.nodes[BIN_LOGITS_SITE]
+        logits = logits_site["value"]
+        joint = 0.0
         for site in model_trace.nodes.values():
             if site["type"] != "sample" or "unscaled_log_prob" not in site:
                 continue
             log_prob = site["unscaled_log_prob"]  # the posterior's, not tempered by the data's N / B
             if log_prob.dim() >= 2:  # beyond the images plate: the enumerated bin's dim
                 joint = joint + log_prob
-            if site["is_observed"] and site["name"] != "theta":
-                scale = site["scale"]
         if not torch.is_tensor(joint) or joint.dim() != 2 or joint.shape[0] != logits.shape[-1]:
             raise ValueError("DistilledSearchELBO needs a model that enumerates its rotation bins")
         target = torch.softmax(joint.detach().float(), 0).T  # (B, K)
         cross_entropy = -(target * torch.log_softmax(logits.float(), -1)).sum(-1)
-        self._terms.append(scale * cross_entropy.sum())
-        self.last_cross_entropy = float(cross_entropy.detach().mean())
+        # the site sits in the images plate: its scale is the data's N / B (observed, so no KL weight)
+        self._terms.append(logits_site["scale"] * cross_entropy.sum())
+        self._last_cross_entropy = cross_entropy.detach().mean()  # read lazily: no device sync per step
         return model_trace, guide_trace
 
     def _distillation(self) -> torch.Tensor | float:
