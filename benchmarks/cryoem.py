@@ -106,7 +106,13 @@ def build(kind: str, ctf: bool, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
         **common,
     )
     guide = PoseSearchGuide(
-        model, encoder, mode=mode, channels=args.channels, copy_size=args.copy_size, **nets
+        model,
+        encoder,
+        mode=mode,
+        channels=args.channels,
+        copy_size=args.copy_size,
+        distill_bins=args.distill_bins,
+        **nets,
     )
     return model, guide
 
@@ -309,6 +315,7 @@ def main() -> None:
     parser.add_argument(
         "--copy-size", type=int, default=None, help="the equivariant CNN's copies at most this many pixels"
     )
+    pose_search.add_distill_arg(parser)
     parser.add_argument("--precision", default="bf16", choices=ps.infer.PRECISIONS)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -90,6 +90,7 @@ import torch
 import pyro_svae as ps
 from pyro_svae import metrics as M
 from pyro_svae.coords import principal_pose, wrap_angle
+from pyro_svae.objectives import DEFAULT_DISTILL_BINS
 from pyro_svae.pose_search import MODE_PREFIXES, PoseSearchGuide, search_theta
 
 GUIDES = (
@@ -135,6 +136,7 @@ def build(kind: str, args) -> tuple[ps.SpatialVAE, torch.nn.Module]:
         num_layers=args.layers,
         channels=args.channels,
         copy_size=args.copy_size,
+        distill_bins=args.distill_bins,
     )
     return model, guide
 
@@ -346,6 +348,16 @@ def exactness(args) -> dict:
     return row
 
 
+def add_distill_arg(parser: argparse.ArgumentParser) -> None:
+    """``--distill-bins``: the weight of the encoder's fit to the search's bins (marginal mode)."""
+    parser.add_argument(
+        "--distill-bins",
+        type=float,
+        default=DEFAULT_DISTILL_BINS,
+        help=f"weight of the encoder's fit to the search's bins (default {DEFAULT_DISTILL_BINS:g})",
+    )
+
+
 def add_timing_args(parser: argparse.ArgumentParser) -> None:
     """The cost table's options (this script's and benchmarks/cryoem.py's ``--timing``)."""
     parser.add_argument("--timing", action="store_true", help="only the cost table (time vs K and box)")
@@ -389,6 +401,7 @@ def main() -> None:
         "--copy-size", type=int, default=None, help="the equivariant CNN's copies at most this many pixels"
     )
     parser.add_argument("--lr", type=float, default=2e-3)
+    add_distill_arg(parser)
     parser.add_argument("--batch-size", type=int, default=25, help="small batches: more steps per epoch")
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--translate", action="store_true", help="use the rotated+translated variant")

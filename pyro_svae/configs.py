@@ -31,6 +31,7 @@ from . import registry
 from .decoders import ACTIVATIONS
 from .lattice import BIN_RENDERS, resolve_bin_render
 from .likelihoods import LIKELIHOODS
+from .objectives import DEFAULT_DISTILL_BINS
 from .runtime import PRECISIONS
 
 __all__ = [
@@ -345,8 +346,9 @@ class GuideConfig:
     ``num_layers``; for pose search also ``"equivariant"`` of ``channels``), or an encoder registry spec
     ``{"name": "cnn", "kwargs": {...}}``. ``families`` (amortized) maps sites to family names;
     ``augment_rotation`` and ``canonicalize`` are amortized options, ``mode``, ``channels`` and
-    ``copy_size`` (the equivariant encoder's copies at most this many pixels on a side) pose-search ones
-    (``mode=None``: the one that fits the model)."""
+    ``copy_size`` (the equivariant encoder's copies at most this many pixels on a side) and
+    ``distill_bins`` (in marginal mode, the weight of the encoder's fit to the search's bins) pose-search
+    ones (``mode=None``: the one that fits the model)."""
 
     kind: str = "amortized"
     encoder: str | dict[str, Any] | None = None
@@ -359,6 +361,7 @@ class GuideConfig:
     mode: str | None = None
     channels: int = 32
     copy_size: int | None = None
+    distill_bins: float = DEFAULT_DISTILL_BINS
 
     _KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
         "amortized": (
@@ -370,7 +373,16 @@ class GuideConfig:
             "augment_rotation",
             "canonicalize",
         ),
-        "pose_search": ("encoder", "mode", "hidden_dim", "num_layers", "activation", "channels", "copy_size"),
+        "pose_search": (
+            "encoder",
+            "mode",
+            "hidden_dim",
+            "num_layers",
+            "activation",
+            "channels",
+            "copy_size",
+            "distill_bins",
+        ),
     }
 
     def __post_init__(self) -> None:
@@ -397,6 +409,8 @@ class GuideConfig:
         _int(self.num_layers, "num_layers")
         _int(self.channels, "channels")
         _int(self.copy_size, "copy_size", minimum=4, optional=True)
+        if self.distill_bins != 0:
+            _positive(self.distill_bins, "distill_bins", expected="a finite weight >= 0")
         _choice(self.activation, "activation", ACTIVATIONS)
         _bool(self.augment_rotation, "augment_rotation")
         _choice(self.canonicalize, "canonicalize", CANONICALIZATIONS)
@@ -452,6 +466,7 @@ class GuideConfig:
                 mode=self.mode,
                 channels=self.channels,
                 copy_size=self.copy_size,
+                distill_bins=self.distill_bins,
                 name=name,
                 **common,
             )

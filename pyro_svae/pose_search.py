@@ -39,7 +39,7 @@ from .encoders import MLPEncoder
 from .guides import EncoderGuide, NormalFamily, default_family
 from .infer import as_dataset, model_inputs, posterior_means, precision_context, resolve_precision
 from .model import SpatialVAE, images_to_pixels
-from .objectives import BIN_LOGITS_SITE, DistilledSearchELBO
+from .objectives import BIN_LOGITS_SITE, DEFAULT_DISTILL_BINS, DistilledSearchELBO
 
 __all__ = [
     "RotationEquivariantEncoder",
@@ -145,6 +145,30 @@ class RotationEquivariantEncoder(nn.Module):
         return {"bin_logits": logits, "bin_features": pooled, "features": features, "position": position}
 
 
+def local_offset(bin_logits: torch.Tensor, per_bin: torch.Tensor, reach: int = 1) -> torch.Tensor:
+    """One offset from K copies' own estimates (marginal mode's shared ``theta_offset``).
+
+    ``bin_logits`` ``(B, K)``; ``per_bin`` ``(B, K, 2)``: each copy's offset from its bin's centre and its
+    log scale. Returns ``(offset, log_scale)``, each ``(B,)``: the circular mean of the angles that the
+    most probable bin and its ``reach`` neighbours on either side give (``centre_j + offset_j``), weighted
+    by their probabilities, relative to the most probable bin's centre. A turn of the image by a fraction
+    of a bin moves it by that fraction, also where the probability is split between neighbouring bins
+    (an average of their offsets would fall half a bin off there), and a bin across the circle (a digit
+    turned by pi) does not pull it. The probabilities are held fixed: they are fitted to the model's
+    search (``DistilledSearchELBO``), and the ELBO's pull through them would flatten them.
+    """
+    bins = bin_logits.shape[-1]
+    probs = torch.softmax(bin_logits.detach().float(), -1)
+    steps = torch.arange(-reach, reach + 1, device=bin_logits.device)
+    near = (probs.argmax(-1, keepdim=True) + steps) % bins  # (B, 2 reach + 1)
+    weights = probs.gather(-1, near).to(per_bin.dtype)
+    # each nearby copy's angle measured from the best bin's centre
+    angles = per_bin[..., 0].gather(-1, near) + steps.to(per_bin.dtype) * (2 * math.pi / bins)
+    offset = torch.atan2((weights * angles.sin()).sum(-1), (weights * angles.cos()).sum(-1))
+    log_scale = (weights * per_bin[..., 1].gather(-1, near)).sum(-1) / weights.sum(-1)
+    return offset, log_scale
+
+
 class PoseSearchGuide(EncoderGuide):
     """Amortized guide with a categorical posterior over rotation bins (see the module docstring).
 
@@ -170,7 +194,7 @@ class PoseSearchGuide(EncoderGuide):
         activation: str = "tanh",
         channels: int = 32,
         copy_size: int | None = None,
-        distill_bins: float = 1.0,
+        distill_bins: float = DEFAULT_DISTILL_BINS,
         bins_from: str = "search",
         name: str | None = None,
     ) -> None:
@@ -213,6 +237,7 @@ class PoseSearchGuide(EncoderGuide):
             "activation": activation,
             "channels": channels,
             "copy_size": copy_size,
+            "distill_bins": self.distill_bins,
         }
         features = encoder.out_features
         self.structured = hasattr(encoder, "bin_feature_dim")
@@ -261,11 +286,8 @@ class PoseSearchGuide(EncoderGuide):
         features = encoded["features"] if self.structured else encoded
         raw: dict[str, torch.Tensor] = {}
         if self.mode == "marginal" and self.structured:
-            # each copy's estimate of its own offset, weighted by how well the copy is turned upright: the
-            # mixture moves with fractional turns of the image and not with whole bins
             per_bin = self.offset_head(encoded["bin_features"]).to(dtype)  # (B, K, 2)
-            weights = torch.softmax(encoded["bin_logits"], -1).unsqueeze(-1)
-            offset, log_scale = (weights * per_bin).sum(-2).unbind(-1)
+            offset, log_scale = local_offset(encoded["bin_logits"], per_bin)
             raw["bin_logits"] = encoded["bin_logits"]
         elif self.mode == "marginal":
             offset, log_scale = self.offset_head(features).to(dtype).unbind(-1)

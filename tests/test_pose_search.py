@@ -4,13 +4,20 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import requires_cuda
 from pyro import poutine
 
 from pyro_svae import AmortizedGuide, SpatialVAE, evaluate, fit, posterior_means
 from pyro_svae.configs import GuideConfig
 from pyro_svae.coords import bin_centres, pixel_grid, transform_images, wrap_angle
 from pyro_svae.data import ImageDataset, preprocess_particles, simulate_particles
-from pyro_svae.pose_search import PoseSearchGuide, RotationEquivariantEncoder, grid_search_theta, search_theta
+from pyro_svae.pose_search import (
+    PoseSearchGuide,
+    RotationEquivariantEncoder,
+    grid_search_theta,
+    local_offset,
+    search_theta,
+)
 from pyro_svae.runs import posterior_summaries
 
 UNIFORM = dist.Uniform(torch.tensor(-math.pi), torch.tensor(math.pi))
@@ -269,6 +276,33 @@ def test_marginal_guide_trains_and_summarizes_particles_with_their_ctf():
     assert torch.allclose(summary["theta_mean"], means["theta"])
 
 
+@requires_cuda
+def test_the_particles_default_search_trains_and_poses_on_cuda():
+    """The lattice, the distillation and both readings of the bins follow the module's device."""
+    particles = preprocess_particles(simulate_particles(12, box=16, snr=1.0, ctf=True, seed=0))
+    model = SpatialVAE(
+        (16, 16),
+        1,
+        rotation_bins=8,
+        enumerate_bins=True,
+        theta_prior=UNIFORM,
+        likelihood="gaussian",
+        ctf=True,
+    )
+    guide = PoseSearchGuide(model, "equivariant", hidden_dim=8, channels=4, copy_size=8)
+    history = fit(
+        model, guide, particles, test=particles, epochs=1, batch_size=6, device="cuda", progress=False
+    )
+    assert model.config["bin_render"] == "lattice" and model.lattice.points.is_cuda
+    assert math.isfinite(history.last("test")["elbo"])
+    for source in ("search", "encoder"):
+        guide.bins_from = source
+        means = posterior_means(guide, particles)
+        assert means["theta"].shape == (12,) and bool(means["theta"].isfinite().all())
+    found = search_theta(model, guide, particles, angles=8)
+    assert found.shape == (12,) and found.device.type == "cpu"
+
+
 @pytest.mark.parametrize("kind", ["plain", "translate+scale", "ctf"])
 def test_grid_search_finds_the_angle_each_image_was_rendered_at(kind):
     pyro.set_rng_seed(0)
@@ -425,3 +459,25 @@ def test_the_encoders_own_bins_answer_without_the_decoder_when_asked():
     assert type(plain) is pyro.infer.TraceEnum_ELBO
     with pytest.raises(ValueError, match="distill_bins must be >= 0"):
         PoseSearchGuide(model, "mlp", distill_bins=-1.0)
+
+
+def test_the_shared_offset_is_the_circular_mean_of_the_best_bins_and_its_neighbours_estimates():
+    width = 2 * math.pi / 8
+    # image 0: split between bins 2 and 3, whose copies both point half a bin past centre 2; bin 6 (across
+    # the circle, a half turn) is nearly as probable, with an offset of its own
+    logits = torch.zeros(2, 8)
+    logits[0, 2], logits[0, 3], logits[0, 6], logits[1, 1] = 3.0, 2.9, 2.8, 5.0
+    logits.requires_grad_(True)
+    per_bin = torch.zeros(2, 8, 2)
+    per_bin[0, 2, 0], per_bin[0, 3, 0], per_bin[0, 6, 0] = 0.45 * width, -0.45 * width, -0.3 * width
+    per_bin[1, 1, 0], per_bin[1, 1, 1] = 0.1, -2.0
+    per_bin.requires_grad_(True)
+    offset, log_scale = local_offset(logits, per_bin)
+    (offset.sum() + log_scale.sum()).backward()
+    offset, log_scale = offset.detach(), log_scale.detach()
+    # measured from bin 2's centre: both copies say 0.45 and 0.55 of a bin; a mean of offsets would say 0
+    assert 0.45 * width < float(offset[0]) < 0.55 * width
+    assert float(offset[1]) == pytest.approx(0.1, abs=1e-3)  # one bin holds nearly all the probability
+    assert float(log_scale[1]) == pytest.approx(-2.0, abs=0.05)
+    assert logits.grad is None or not logits.grad.any()  # fitted to the search, not pulled by the ELBO
+    assert per_bin.grad[0, 2, 0] > 0 and per_bin.grad[0, 6].abs().sum() == 0

@@ -17,6 +17,7 @@ __all__ = [
     "positive_int",
     "non_negative_int",
     "positive_float",
+    "non_negative_float",
     "add_device_arg",
     "add_input_args",
     "add_output_args",
@@ -52,6 +53,7 @@ def _number_type(convert: Callable[[str], float], accept: Callable[[float], bool
 positive_int = _number_type(int, lambda value: value >= 1, "a positive integer")
 non_negative_int = _number_type(int, lambda value: value >= 0, "an integer >= 0")
 positive_float = _number_type(float, lambda value: 0 < value < float("inf"), "a positive finite number")
+non_negative_float = _number_type(float, lambda value: 0 <= value < float("inf"), "a finite number >= 0")
 
 
 def _device(text: str) -> str:

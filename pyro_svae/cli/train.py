@@ -45,6 +45,7 @@ from ._common import (
     InterruptGuard,
     UsageError,
     device_type,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -479,6 +480,15 @@ OPTIONS: tuple[Option, ...] = (
         target="guide.copy_size",
     ),
     Option(
+        ("--pose-search-distill",),
+        _MODEL,
+        "with --pose-search in marginal mode, the weight of the encoder's fit to the search's bins in "
+        "every step, so that it poses images alone (default: 10; 0: the plain ELBO)",
+        type=non_negative_float,
+        metavar="W",
+        target="guide.distill_bins",
+    ),
+    Option(
         ("--pose-search-mode",),
         _MODEL,
         "with --pose-search: 'enumerate' (the encoder scores the bins, TraceEnum_ELBO sums over them; "
@@ -686,6 +696,7 @@ def _check_search_options(args: argparse.Namespace, searching: bool, *, ctf: boo
         "pose_search_encoder",
         "pose_search_channels",
         "pose_search_copy_size",
+        "pose_search_distill",
     ):
         if getattr(args, key) is not None and not searching:
             raise UsageError(f"{_flag(key)} is about the rotation search: add --pose-search K")

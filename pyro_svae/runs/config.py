@@ -63,6 +63,9 @@ def migrate_sections(config: Mapping[str, Any]) -> dict[str, Any]:
     a pose-search guide's encoder class name becomes its short name. Current sections pass unchanged."""
     config = copy.deepcopy(dict(config))
     model, guide = config.get("model"), config.get("guide")
+    # runs before the lattice summed their bins with the plain TraceEnum_ELBO; later ones fitted the
+    # encoder's bins at weight 1 until it became an option
+    distilled = 1.0 if isinstance(model, dict) and "bin_render" in model else 0.0
     if isinstance(model, dict):
         for key in ("z_prior", "theta_prior", "dx_prior"):
             model.setdefault(key, None)
@@ -72,6 +75,8 @@ def migrate_sections(config: Mapping[str, Any]) -> dict[str, Any]:
         encoder = guide.get("encoder")
         if guide["kind"] == "pose_search" and isinstance(encoder, str):
             guide["encoder"] = V1_POSE_SEARCH_ENCODERS.get(encoder, encoder)
+        if guide["kind"] == "pose_search":
+            guide.setdefault("distill_bins", distilled)
     return config
 
 
