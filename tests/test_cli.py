@@ -571,6 +571,8 @@ CONTRADICTIONS = {
     "pose search with pixel subsampling": (["--pose-search", "8", "--pixel-subsample", "20"], "give one"),
     "pose search mode without pose search": (["--pose-search-mode", "marginal"], "add --pose-search"),
     "render without pose search": (["--pose-search-render", "exact"], "add --pose-search"),
+    "distillation without pose search": (["--pose-search-distill", "3"], "add --pose-search"),
+    "negative distillation": (["--pose-search", "8", "--pose-search-distill", "-1"], "a finite number >= 0"),
     "encoder with the search off": (
         ["--pose-search", "0", "--pose-search-encoder", "mlp"],
         "add --pose-search",
@@ -1268,10 +1270,16 @@ def test_particle_pose_search_sums_bins_in_the_model_and_exports_the_posterior(c
     assert "pose search over 4 rotation bins, summed out by the model" in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["enumerate_bins"] is True and config["guide"]["mode"] == "marginal"
+    assert config["guide"]["distill_bins"] == 10.0
     table = star_table(out / "particles.star")
     assert table["rlnAnglePsi"].notna().all() and (table["pyroSvaePsiStdDeg"] > 0).all()
     code, _, err = run(capsys, "evaluate", out)
     assert code == 0, err
+    # the weight of the encoder's fit to the search is the run's
+    weighted = [*flags[:4], "--pose-search-distill", "0", "--out", tmp_path / "plain"]
+    code, _, err = run(capsys, "train", *weighted, *PARTICLE_TINY)
+    assert code == 0, err
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["guide"]["distill_bins"] == 0.0
     # the encoder-scored bins stay one flag away
     other = [*flags[:4], "--pose-search-mode", "enumerate", "--out", tmp_path / "b"]
     code, stdout, err = run(capsys, "train", *other, *PARTICLE_TINY)

@@ -16,6 +16,7 @@ from pyro_svae.encoders import CNNEncoder
 from pyro_svae.guides import AmortizedGuide
 from pyro_svae.infer import fit
 from pyro_svae.pose_search import PoseSearchGuide
+from pyro_svae.runs.config import parse_config
 
 # config.json as `pyro-svae train --data d.npy --epochs 1 --hidden-dim 8 --num-layers 1 --batch-size 10
 # --eval-particles 2 --posterior-draws 2` wrote it before config version 2 (data path shortened)
@@ -103,6 +104,13 @@ def test_migration_fills_version_2_keys_and_newer_versions_are_refused(tmp_path)
     assert migrated["config_version"] == 2 and migrated["guide"]["encoder"] == "equivariant"
     assert {"z_prior", "theta_prior", "dx_prior"} <= set(migrated["model"])
     assert migrated["model"]["bin_render"] == "exact"  # those runs rendered every bin
+    assert migrated["guide"]["distill_bins"] == 0.0  # ... and fitted no encoder to them
+    lattice_era = _v1_pose_search_config()  # a version-2 run of the lattice, before the weight was saved
+    lattice_era["model"].update(bin_render="lattice", enumerate_bins=True)
+    assert parse_config(lattice_era)[1].distill_bins == 1.0
+    assert GuideConfig(kind="pose_search").distill_bins == 10.0
+    with pytest.raises(ValueError, match="distill_bins must be a finite weight >= 0"):
+        GuideConfig(kind="pose_search", distill_bins=-1.0)
     summing = ModelConfig(image_shape=(8, 8), rotation_bins=4, enumerate_bins=True)
     assert summing.bin_render == "lattice" and ModelConfig(image_shape=(8, 8)).bin_render == "exact"
     no_precision = json.loads(V1_CONFIG)
