@@ -47,6 +47,7 @@ __all__ = [
     "MODE_PREFIXES",
     "grid_search_theta",
     "search_theta",
+    "local_offset",
 ]
 
 #: short names of the guide modes, as the benchmarks spell them (``"enum-equivariant"``); ``"lattice"`` is
