@@ -146,7 +146,9 @@ class RotationEquivariantEncoder(nn.Module):
         return {"bin_logits": logits, "bin_features": pooled, "features": features, "position": position}
 
 
-def local_offset(bin_logits: torch.Tensor, per_bin: torch.Tensor, reach: int = 1) -> torch.Tensor:
+def local_offset(
+    bin_logits: torch.Tensor, per_bin: torch.Tensor, reach: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One offset from K copies' own estimates (marginal mode's shared ``theta_offset``).
 
     ``bin_logits`` ``(B, K)``; ``per_bin`` ``(B, K, 2)``: each copy's offset from its bin's centre and its

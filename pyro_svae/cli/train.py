@@ -37,6 +37,7 @@ from ..infer import DivergenceError, History, fit
 from ..lattice import BIN_RENDERS
 from ..likelihoods import LIKELIHOODS
 from ..model import SpatialVAE
+from ..objectives import DEFAULT_DISTILL_BINS
 from ..pose_search import PoseSearchGuide
 from ..runtime import PRECISIONS, check_precision, resolve_device, resolve_precision, retain_freed_memory
 from ._common import (
@@ -483,7 +484,7 @@ OPTIONS: tuple[Option, ...] = (
         ("--pose-search-distill",),
         _MODEL,
         "with --pose-search in marginal mode, the weight of the encoder's fit to the search's bins in "
-        "every step, so that it poses images alone (default: 10; 0: the plain ELBO)",
+        f"every step, so that it poses images alone (default: {DEFAULT_DISTILL_BINS:g}; 0: the plain ELBO)",
         type=non_negative_float,
         metavar="W",
         target="guide.distill_bins",
