@@ -254,18 +254,24 @@ def test_marginal_guide_poses_images_with_the_decoders_best_bin():
     assert torch.allclose(q_theta.mixture_distribution.probs, probs, atol=1e-5)
 
 
-def test_marginal_guide_trains_and_summarizes_particles_with_their_ctf():
+def particles_and_search_model(bins: int, **kwargs) -> tuple[ImageDataset, SpatialVAE]:
+    """12 particles of 16 px with a CTF and a model that sums ``bins`` rotation bins out."""
     particles = preprocess_particles(simulate_particles(12, box=16, snr=1.0, ctf=True, seed=0))
     model = SpatialVAE(
         (16, 16),
         1,
-        rotation_bins=4,
+        rotation_bins=bins,
         enumerate_bins=True,
         theta_prior=UNIFORM,
         likelihood="gaussian",
         ctf=True,
-        hidden_dim=8,
+        **kwargs,
     )
+    return particles, model
+
+
+def test_marginal_guide_trains_and_summarizes_particles_with_their_ctf():
+    particles, model = particles_and_search_model(4, hidden_dim=8)
     guide = PoseSearchGuide(model, "equivariant", hidden_dim=8, channels=4)
     history = fit(model, guide, particles, test=particles, epochs=1, batch_size=6, progress=False)
     assert math.isfinite(history.last("test")["elbo"]) and "theta_circ_corr" in history.last("test")
@@ -279,16 +285,7 @@ def test_marginal_guide_trains_and_summarizes_particles_with_their_ctf():
 @requires_cuda
 def test_the_particles_default_search_trains_and_poses_on_cuda():
     """The lattice, the distillation and both readings of the bins follow the module's device."""
-    particles = preprocess_particles(simulate_particles(12, box=16, snr=1.0, ctf=True, seed=0))
-    model = SpatialVAE(
-        (16, 16),
-        1,
-        rotation_bins=8,
-        enumerate_bins=True,
-        theta_prior=UNIFORM,
-        likelihood="gaussian",
-        ctf=True,
-    )
+    particles, model = particles_and_search_model(8)
     guide = PoseSearchGuide(model, "equivariant", hidden_dim=8, channels=4, copy_size=8)
     history = fit(
         model, guide, particles, test=particles, epochs=1, batch_size=6, device="cuda", progress=False
